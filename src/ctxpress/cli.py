@@ -1,0 +1,178 @@
+"""The ``ctxpress`` command line.
+
+Exit codes: 0 success, 1 the environment failed (model or package missing),
+2 bad usage or input, 130 interrupted. Errors are one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import CtxpressError, InputError
+from .models import DEFAULT_MODEL, EMBEDDED_MODELS
+from .prompt.methods import METHODS
+
+EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+def read_text(path: str | None) -> str:
+    """Read UTF-8 text from a file or stdin ('-' or no path), rejecting binary data."""
+    if path in (None, "-"):
+        if path is None and sys.stdin.isatty():
+            raise InputError("no input: give a FILE, or '-' / a pipe for standard input")
+        data, name = sys.stdin.buffer.read(), "standard input"
+    else:
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except IsADirectoryError:
+            raise InputError(f"{path} is a directory") from None
+        except OSError as exc:
+            raise InputError(f"cannot read {path}: {exc.strerror}") from None
+        name = path
+    if b"\x00" in data:
+        raise InputError(f"{name} looks like a binary file (it contains NUL bytes)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{name} is not valid UTF-8 (bad byte at offset {exc.start})") from None
+    if not text.strip():
+        raise InputError(f"{name} is empty")
+    return text.removeprefix("\ufeff")
+
+
+def _rate(value: str) -> float:
+    try:
+        rate = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not 0 < rate <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return rate
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
+def _unit_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not 0 <= number <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return number
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the usage text is one ``--help`` away)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"embedded model ({', '.join(EMBEDDED_MODELS)}), local directory or hub id "
+                        f"(default: {DEFAULT_MODEL})")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="ctxpress", description="Cheaper long-context LLM inference: prompt and KV-cache compression.")
+    parser.add_argument("--version", action="version", version=f"ctxpress {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+
+    methods_help = "; ".join(f"{name}: {spec.description}" for name, spec in METHODS.items())
+    c = sub.add_parser(
+        "compress", help="compress a prompt (DAC by default)",
+        description="Compress the text of FILE (or standard input) and print the compressed prompt.",
+        epilog=f"Methods: {methods_help}.")
+    c.add_argument("file", nargs="?", metavar="FILE", help="UTF-8 text file, or - for standard input")
+    budget = c.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--rate", type=_rate, help="fraction of context tokens to keep, in (0, 1]")
+    budget.add_argument("--target-tokens", type=_positive_int, metavar="N", help="context tokens to keep")
+    c.add_argument("--method", default="dac", choices=list(METHODS), metavar="METHOD",
+                   help=f"one of {', '.join(METHODS)} (default: dac)")
+    c.add_argument("--question", default="", metavar="Q", help="question, kept whole after the context")
+    c.add_argument("--instruction", default="", metavar="I", help="instruction, kept whole before the context")
+    c.add_argument("--force-token", action="append", default=[], metavar="T", dest="force_tokens",
+                   help="never drop tokens matching T: a literal, or [:newline:], [:digit:], [:punct:] "
+                        "(repeatable)")
+    c.add_argument("--stages", type=_positive_int, help="number of stages (staged methods; default: auto)")
+    c.add_argument("--alpha", type=_unit_float, help="attention weight in the fused score (default 0.8)")
+    c.add_argument("--fusion", choices=["additive", "multiplicative"], help="score fusion (default additive)")
+    c.add_argument("--no-consecutive", dest="consecutive", action="store_false", default=None,
+                   help="drop neighbouring tokens in the same stage (turn DAC's rule off)")
+    c.add_argument("--seed", type=int, help="seed of the random method")
+    c.add_argument("--segment-tokens", type=_positive_int, help="segment size of the llmlingua method")
+    c.add_argument("--window", type=_positive_int, metavar="N",
+                   help="tokens the compressor reads at once (default: the model's context length)")
+    _add_model_options(c)
+    out = c.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print one JSON object with the result")
+    out.add_argument("--stats", action="store_true", help="also print a summary line on stderr")
+    c.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="never show the progress bar")
+    c.set_defaults(handler=cmd_compress)
+    return parser
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from .prompt import PromptCompressor
+
+    text = read_text(args.file)
+    options = {k: getattr(args, k) for k in ("stages", "alpha", "fusion", "consecutive", "seed", "segment_tokens")
+               if getattr(args, k) is not None}
+    compressor = PromptCompressor(args.model, device=args.device, dtype=args.dtype,
+                                  window_tokens=args.window, progress=args.progress)
+    budget = {"rate": args.rate} if args.rate is not None else {"target_tokens": args.target_tokens}
+    result = compressor.compress(text, method=args.method, question=args.question, instruction=args.instruction,
+                                 force_tokens=args.force_tokens, **budget, **options)
+    if args.json:
+        json.dump(result.to_dict(), sys.stdout, ensure_ascii=False)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(result.compressed_prompt.rstrip("\n") + "\n")
+        if args.stats:
+            print(f"ctxpress: {args.method}: kept {result.compressed_tokens} of {result.origin_tokens} context "
+                  f"tokens ({100 * result.rate:.1f}%) in {result.seconds:.1f} s", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors, --help, --version
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        return args.handler(args)
+    except InputError as exc:
+        print(f"ctxpress: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CtxpressError as exc:
+        print(f"ctxpress: error: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        print("ctxpress: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Budgets and the choice of which units to drop.
+
+The budget is exact: a request for ``k`` context tokens gets ``k`` (at most
+one more or less, only when multi-token characters make ``k`` itself
+unreachable). Staged methods spread the removal over stages whose targets are
+derived from the *original* length, so the last stage lands on ``k``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..errors import InputError
+
+MAX_AUTO_STAGES = 15
+
+
+def resolve_target(n: int, rate: float | None, target_tokens: int | None) -> int:
+    """Number of context tokens to keep, from exactly one of ``rate`` or ``target_tokens``."""
+    if (rate is None) == (target_tokens is None):
+        raise InputError("give exactly one budget: rate or target_tokens")
+    if rate is not None:
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
+            raise InputError(f"rate must be in (0, 1], got {rate!r}")
+        return max(1, math.floor(rate * n + 0.5))
+    if isinstance(target_tokens, bool) or not isinstance(target_tokens, int) or target_tokens < 1:
+        raise InputError(f"target_tokens must be a positive integer, got {target_tokens!r}")
+    if target_tokens > n:
+        raise InputError(f"target_tokens {target_tokens} is more than the {n} tokens of the context")
+    return target_tokens
+
+
+def auto_stages(n: int) -> int:
+    """The DAC reference's stage count: one per 100 tokens, between 1 and 15."""
+    return min(max(1, n // 100), MAX_AUTO_STAGES)
+
+
+def stage_targets(n: int, target: int, stages: int) -> list[int]:
+    """Tokens left after each stage: a geometric path from ``n`` that ends exactly at ``target``.
+
+    Each stage removes the same share of what is left, as in the reference,
+    but the targets are computed from the original length so rounding never
+    accumulates and the last one is the requested budget.
+    """
+    keep = target / n
+    targets = [math.floor(n * keep ** (s / stages) + 0.5) for s in range(1, stages + 1)]
+    targets[-1] = target
+    return [max(t, target) for t in targets]
+
+
+def select_drops(
+    scores: np.ndarray,
+    sizes: np.ndarray,
+    droppable: np.ndarray,
+    quota: int,
+    consecutive: bool,
+) -> np.ndarray:
+    """Choose units to drop, lowest score first, removing ``quota`` tokens.
+
+    ``scores``, ``sizes`` and ``droppable`` describe the units currently in
+    the sequence, in order. With ``consecutive`` no two neighbouring units are
+    dropped in one call (DAC's consecutive-token rule, applied while choosing
+    so the quota is still met). If the rule leaves the quota unmet (a stage
+    asked to remove more than about half), the rest is taken by score alone.
+    Units bigger than what remains are skipped; only if nothing else fits is
+    the quota missed by one token.
+    """
+    count = len(scores)
+    dropped = np.zeros(count, dtype=bool)
+    if quota <= 0:
+        return dropped
+    order = np.argsort(scores, kind="stable")
+    order = order[droppable[order]]
+    remaining = quota
+
+    def walk(respect_rule: bool) -> None:
+        nonlocal remaining
+        for u in order:
+            if remaining == 0:
+                return
+            if dropped[u] or sizes[u] > remaining:
+                continue
+            if respect_rule and ((u > 0 and dropped[u - 1]) or (u + 1 < count and dropped[u + 1])):
+                continue
+            dropped[u] = True
+            remaining -= int(sizes[u])
+
+    walk(consecutive)
+    if remaining and consecutive:
+        walk(False)
+    if remaining:  # only multi-token units are left: overshoot by one if that helps
+        for u in order:
+            if not dropped[u] and sizes[u] == remaining + 1:
+                dropped[u] = True
+                break
+    return dropped

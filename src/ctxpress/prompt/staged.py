@@ -1,0 +1,96 @@
+"""Score, drop, re-score: the mechanism behind DAC and its one-pass baselines.
+
+Each stage runs the compressor over what is left of every context (all
+windows of all contexts in length-sorted batches), scores the tokens, and
+drops the lowest-scored units down to the stage's target. DAC uses several
+stages so that the signals of a token's neighbours are recomputed after each
+removal; the one-pass baselines are the same mechanism with one stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..progress import progress_bar
+from ..signals import batched_signals
+from .job import Job
+from .scoring import FusedScorer, RandomScorer
+from .selection import auto_stages, select_drops, stage_targets
+
+Scorer = FusedScorer | RandomScorer
+
+
+@dataclass(frozen=True)
+class StagedMethod:
+    """A scorer, a number of stages (None: DAC's automatic count) and the consecutive rule."""
+
+    scorer: Scorer
+    stages: int | None = None
+    consecutive: bool = True
+
+    def settings(self) -> dict:
+        out = {"stages": self.stages if self.stages is not None else "auto", "consecutive": self.consecutive}
+        if isinstance(self.scorer, FusedScorer):
+            out.update(alpha=self.scorer.alpha, fusion=self.scorer.fusion)
+        else:
+            out.update(seed=self.scorer.seed)
+        return out
+
+    def run(self, model: torch.nn.Module, jobs: Sequence[Job], *, batch_tokens: int, progress: bool | None) -> None:
+        plans = []
+        for job in jobs:
+            n = len(job.context)
+            job.stages = self.stages if self.stages is not None else auto_stages(n)
+            plans.append(stage_targets(n, job.target, job.stages) if job.target < n else [])
+        work = 0
+        if self.scorer.needs_signals:  # tokens the compressor will read, for the progress bar
+            for job, plan in zip(jobs, plans):
+                fixed = len(job.windows) * (len(job.prefix) + len(job.suffix))
+                work += sum(kept + fixed for kept in [len(job.context), *plan[:-1]])
+        with progress_bar(work, progress, "compress") as bar:
+            for stage in range(max((len(p) for p in plans), default=0)):
+                active = [(j, p[stage]) for j, p in zip(jobs, plans) if stage < len(p)]
+                self._stage(model, active, batch_tokens, bar)
+
+    def _stage(self, model, active: list[tuple[Job, int]], batch_tokens: int, bar) -> None:
+        windows = [(job, w) for job, _ in active for w in range(len(job.windows))]
+        seqs = [job.sequence(w) for job, w in windows]
+        if self.scorer.needs_signals:
+            signals = batched_signals(model, seqs, attention=self.scorer.needs_attention,
+                                      batch_tokens=batch_tokens, on_batch=bar.update)
+        else:
+            signals = [None] * len(seqs)
+        unit_scores: dict[int, list[np.ndarray]] = {id(job): [] for job, _ in active}
+        for (job, w), sig in zip(windows, signals):
+            unit_scores[id(job)].append(self._window_scores(job, w, sig))
+        for job, target in active:
+            scores = np.concatenate(unit_scores[id(job)])
+            alive = np.flatnonzero(job.alive)
+            quota = job.kept_tokens - target
+            dropped = select_drops(scores, job.sizes[alive], ~job.protected[alive], quota, self.consecutive)
+            if self.consecutive and np.any(dropped[1:] & dropped[:-1]):
+                job.relaxed_stages += 1
+            job.alive[alive[dropped]] = False
+
+    def _window_scores(self, job: Job, w: int, sig) -> np.ndarray:
+        """Scores of the alive units of window ``w`` (NaN-free, protected units included)."""
+        lo, hi = job.windows[w]
+        units = lo + np.flatnonzero(job.alive[lo:hi])
+        sizes = job.sizes[units]
+        n_tok = int(sizes.sum())
+        cand = torch.from_numpy(np.repeat(~job.protected[units], sizes))
+        token_scores = torch.zeros(n_tok, dtype=torch.float32)
+        if cand.any():
+            if sig is None:
+                info, attn = torch.zeros(int(cand.sum())), None
+            else:
+                ctx = slice(len(job.prefix), len(job.prefix) + n_tok)
+                info = sig.self_information[ctx][cand]
+                attn = None if sig.attention is None else sig.attention[ctx][cand]
+            token_scores[cand] = self.scorer(info, attn).float()
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        return np.add.reduceat(token_scores.numpy(), starts) / sizes if len(units) else np.zeros(0)

@@ -1,0 +1,112 @@
+"""The ctxpress command line: output formats, exit codes and one-line errors."""
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ctxpress.cli import main
+
+JSON_KEYS = {"compressed_text", "kept_token_indices", "origin_tokens", "compressed_tokens", "rate", "seconds",
+             "method"}
+
+
+@pytest.fixture
+def doc(tmp_path, text):
+    path = tmp_path / "doc.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_plain_output(capsys, doc, tiny_model_dir):
+    code, out, err = run(capsys, "compress", doc, "--rate", "0.5", "--model", tiny_model_dir, "--stats")
+    assert code == 0
+    assert out.strip() and len(out) < len(doc.read_text())
+    assert "kept" in err and "tokens" in err
+
+
+def test_json_output(capsys, doc, tiny_model_dir):
+    code, out, _ = run(capsys, "compress", doc, "--target-tokens", "25", "--model", tiny_model_dir, "--json",
+                       "--question", "What is kept?", "--method", "entropy")
+    assert code == 0
+    result = json.loads(out)
+    assert set(result) >= JSON_KEYS
+    assert result["compressed_tokens"] == 25 and result["method"] == "entropy"
+    assert result["compressed_prompt"].endswith("What is kept?")
+
+
+def test_stdin(capsys, monkeypatch, text, tiny_model_dir):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
+    code, out, _ = run(capsys, "compress", "-", "--rate", "0.3", "--model", tiny_model_dir, "--json")
+    assert code == 0 and json.loads(out)["origin_tokens"] > 0
+
+
+def test_method_options(capsys, doc, tiny_model_dir):
+    code, out, _ = run(capsys, "compress", doc, "--rate", "0.5", "--model", tiny_model_dir, "--json",
+                       "--stages", "3", "--alpha", "0.5", "--no-consecutive")
+    settings = json.loads(out)["settings"]
+    assert code == 0 and settings["stages_run"] == 3 and settings["alpha"] == 0.5
+    assert settings["consecutive"] is False
+
+
+def bad_inputs(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"  \n")
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(b"\x7fELF\x00\x01\x02")
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("café".encode("latin-1"))
+    return {"empty": empty, "binary": binary, "latin": latin}
+
+
+@pytest.mark.parametrize(
+    "case,argv,needle",
+    [
+        ("empty", ["{empty}", "--rate", "0.5"], "empty"),
+        ("binary", ["{binary}", "--rate", "0.5"], "binary"),
+        ("utf8", ["{latin}", "--rate", "0.5"], "UTF-8"),
+        ("missing", ["{tmp}/nope.txt", "--rate", "0.5"], "cannot read"),
+        ("rate high", ["{doc}", "--rate", "1.5"], "--rate"),
+        ("rate zero", ["{doc}", "--rate", "0"], "--rate"),
+        ("rate text", ["{doc}", "--rate", "half"], "--rate"),
+        ("no budget", ["{doc}"], "required"),
+        ("two budgets", ["{doc}", "--rate", "0.5", "--target-tokens", "4"], "not allowed"),
+        ("target", ["{doc}", "--target-tokens", "100000"], "more than"),
+        ("method", ["{doc}", "--rate", "0.5", "--method", "zip"], "invalid choice"),
+        ("option", ["{doc}", "--rate", "0.5", "--method", "random", "--stages", "2"], "no option"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(capsys, tmp_path, doc, tiny_model_dir, case, argv, needle):
+    files = {**bad_inputs(tmp_path), "doc": doc, "tmp": tmp_path}
+    argv = [a.format(**files) for a in argv]
+    code, out, err = run(capsys, "compress", *argv, "--model", tiny_model_dir)
+    assert code == 2, err
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err
+
+
+@pytest.mark.parametrize("model", ["./no/such/dir", "no-such-org/no-such-model"])
+def test_unknown_model_exit_1(capsys, doc, model):
+    code, out, err = run(capsys, "compress", doc, "--rate", "0.5", "--model", model)
+    assert code == 1 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "model" in err
+
+
+def test_console_script_no_traceback(tmp_path):
+    """The installed entry point, in a fresh process: usage error and missing file."""
+    exe = [sys.executable, "-m", "ctxpress.cli"]
+    proc = subprocess.run([*exe, "compress", str(tmp_path / "missing.txt"), "--rate", "0.5"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    proc = subprocess.run([*exe, "--version"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("ctxpress ")
