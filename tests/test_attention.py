@@ -65,3 +65,11 @@ def test_explicit_mask(boolean):
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(col, probs.sum(dim=(1, 2)), atol=1e-5, rtol=1e-5)
     assert torch.all(col[0, :3] == 0)
+
+
+def test_per_head_column_sums():
+    torch.manual_seed(3)
+    q, k, v = torch.randn(1, 6, 20, 8), torch.randn(1, 2, 20, 8), torch.randn(1, 2, 20, 8)
+    _, col = attention_with_column_sums(q, k, v, 0.4, block_size=7, per_head=True)
+    _, probs = dense_reference(q, k, v, 0.4, causal_mask(20, 20))
+    torch.testing.assert_close(col, probs.sum(dim=2), atol=1e-5, rtol=1e-5)

@@ -14,6 +14,7 @@ def lm(request):
 def test_signals_match_reference(lm):
     torch.manual_seed(0)
     ids = torch.randint(0, len(lm.tokenizer), (300,))
+    before = lm.model.config._attn_implementation
     got = token_signals(lm.model, [ids], block_size=64)[0]
     ref = reference_signals(lm.model, ids)
     torch.testing.assert_close(got.attention, ref.attention, atol=1e-5, rtol=1e-4)
@@ -21,7 +22,7 @@ def test_signals_match_reference(lm):
     assert torch.isnan(got.self_information[0])
     # each (layer, head) map's columns sum to the number of rows, so the mean map sums to n
     assert got.attention.sum().item() == pytest.approx(300, rel=1e-4)
-    assert lm.model.config._attn_implementation == "sdpa"  # restored after probing
+    assert lm.model.config._attn_implementation == before  # restored after probing
 
 
 def test_batch_with_padding_equals_single(lm):

@@ -30,20 +30,37 @@ ATTN_IMPLEMENTATION = "ctxpress"
 Probe = Callable[..., torch.Tensor]
 
 _ACTIVE_PROBE: ContextVar[Probe | None] = ContextVar("ctxpress_probe", default=None)
+# A cache layer that wants to compute the attention of the call that follows
+# its update (set in the layer's ``update``, taken by the next attention call).
+_CLAIMING_LAYER: ContextVar[object | None] = ContextVar("ctxpress_claiming_layer", default=None)
 _REGISTERED = False
+
+
+def claim_next_attention(layer: object) -> None:
+    """Route the next attention call to ``layer.attend(module, q, k, v, mask, scaling)``.
+
+    transformers calls a cache layer's ``update`` right before the attention
+    function of the same layer; a compressed cache layer uses this to take
+    over attention (its keys may be stored per query head, or be shorter in
+    some layers than in others, which the shared mask cannot express).
+    """
+    _CLAIMING_LAYER.set(layer)
 
 
 def _dispatch(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    probe = _ACTIVE_PROBE.get()
-    if probe is None:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-        )
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    return probe(module, query, key, value, attention_mask, scaling), None
+    probe = _ACTIVE_PROBE.get()
+    if probe is not None:
+        return probe(module, query, key, value, attention_mask, scaling), None
+    layer = _CLAIMING_LAYER.get()
+    if layer is not None:
+        _CLAIMING_LAYER.set(None)
+        if getattr(layer, "layer_idx", None) == getattr(module, "layer_idx", None):
+            return layer.attend(module, query, key, value, attention_mask, scaling), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
 def register() -> None:
@@ -73,6 +90,25 @@ def attention_implementation(model: torch.nn.Module, name: str) -> Iterator[None
             model.set_attn_implementation(previous)
 
 
+def bottom_right_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           scaling: float) -> torch.Tensor:
+    """SDPA where the queries are the *last* positions of the keys.
+
+    A compressed cache holds fewer keys than positions seen, and a different
+    number in each layer; new queries must still see every cached key and
+    the new keys up to their own. Key heads may equal the query heads (per
+    query head storage) or divide them (GQA). Returns (b, q, heads, d).
+    """
+    q_len, k_len = query.shape[2], key.shape[2]
+    mask = None
+    if q_len > 1:
+        mask = torch.arange(k_len, device=query.device)[None, :] <= (
+            torch.arange(q_len, device=query.device)[:, None] + (k_len - q_len))
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2)
+
+
 @contextmanager
 def probing(model: torch.nn.Module, probe: Probe) -> Iterator[Probe]:
     """Run ``probe`` as the attention kernel of every layer inside the block."""
@@ -93,6 +129,7 @@ def attention_with_column_sums(
     attention_mask: torch.Tensor | None = None,
     row_mask: torch.Tensor | None = None,
     block_size: int = 128,
+    per_head: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention, computed query-block by query-block, plus column sums.
 
@@ -105,7 +142,8 @@ def attention_with_column_sums(
 
     ``attention_mask`` is None (plain causal; the queries are the last ``q``
     of the ``k`` keys) or a 4D boolean/additive mask. ``row_mask`` (b, q)
-    excludes query rows, such as right padding, from the column sums.
+    excludes query rows, such as right padding, from the column sums. With
+    ``per_head`` the sums are kept per query head: (b, heads, k).
     """
     b, heads, q_len, d = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
@@ -118,7 +156,7 @@ def attention_with_column_sums(
     q = (query * scaling).view(b, kv_heads, groups, q_len, d).transpose(2, 3).contiguous()
     key, value = key.contiguous(), value.contiguous()
     out = query.new_empty(b, q_len, kv_heads, groups, d)
-    col = torch.zeros(b, 1, k_len, dtype=torch.float32, device=query.device)
+    col = torch.zeros(b, heads if per_head else 1, k_len, dtype=torch.float32, device=query.device)
     causal = attention_mask is None
     if causal:  # inside the diagonal block, row r must not see the keys after it
         future = torch.ones(block_size, block_size, dtype=torch.bool, device=query.device).triu_(1)
@@ -153,10 +191,15 @@ def attention_with_column_sums(
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
             if not causal:
                 probs.nan_to_num_(0.0)  # a fully masked row (padding) attends nowhere
-            col[..., :visible].baddbmm_(weights, probs)
+            if per_head:
+                row_weights = weights[:, 0, ::groups]  # (b, rows)
+                col[:, h * groups : (h + 1) * groups, :visible] += torch.einsum(
+                    "br,brgk->bgk", row_weights, probs.view(b, rows, groups, visible))
+            else:
+                col[..., :visible].baddbmm_(weights, probs)
             ob = torch.matmul(probs.to(value.dtype), value[:, h, :visible])
             out[:, start:stop, h] = ob.view(b, rows, groups, d)
-    return out.view(b, q_len, heads, d), col[:, 0]
+    return out.view(b, q_len, heads, d), (col if per_head else col[:, 0])
 
 
 class ColumnSumProbe:

@@ -128,7 +128,81 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="never show the progress bar")
     c.set_defaults(handler=cmd_compress)
+
+    from .kv import PRESSES
+
+    g = sub.add_parser(
+        "generate", help="answer questions about a long context with a compressed KV cache",
+        description="Prefill the context once, compress its KV cache, and answer each question from it "
+                    "(greedy decoding with the local model).")
+    g.add_argument("--context-file", required=True, metavar="F", help="UTF-8 text file, or - for standard input")
+    g.add_argument("--question", required=True, action="append", metavar="Q",
+                   help="question about the context (repeat to answer several from one compressed cache)")
+    g.add_argument("--kv", default="spindlekv", choices=list(PRESSES), metavar="METHOD",
+                   help=f"KV compression: {', '.join(PRESSES)} (default: spindlekv)")
+    kv_budget = g.add_mutually_exclusive_group()
+    kv_budget.add_argument("--kv-ratio", type=_rate, metavar="R",
+                           help="fraction of the dense cache's bytes to keep (default 0.2)")
+    kv_budget.add_argument("--kv-tokens", type=_positive_int, metavar="N", help="tokens kept per head and layer")
+    g.add_argument("--kv-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option, e.g. window=64, per_head=false, codebook=false (repeatable)")
+    g.add_argument("--question-aware", action="store_true",
+                   help="include the question in the prefill that is compressed (one question only)")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N", help="default 64")
+    _add_model_options(g)
+    g.add_argument("--json", action="store_true", help="print one JSON object per question")
+    g.set_defaults(handler=cmd_generate)
     return parser
+
+
+def _option_value(text: str):
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_options(items: Sequence[str]) -> dict:
+    """``["window=64", "per_head=false"]`` -> ``{"window": 64, "per_head": False}``."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"options look like KEY=VALUE, got {item!r}")
+        options[key.strip().replace("-", "_")] = _option_value(value.strip())
+    return options
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .kv import build_press
+    from .kv.generation import answer_questions
+    from .models import load_model
+
+    context = read_text(args.context_file)
+    options = parse_options(args.kv_option)
+    if args.kv != "full" and not (args.kv == "spindlekv" and options.get("evict") is False):
+        if args.kv_tokens is not None:
+            options["tokens"] = args.kv_tokens
+        else:
+            options["ratio"] = args.kv_ratio if args.kv_ratio is not None else 0.2
+    elif args.kv_ratio is not None or args.kv_tokens is not None:
+        raise InputError(f"--kv {args.kv} takes no budget" + (" with evict=false" if args.kv != "full" else ""))
+    press = build_press(args.kv, **options)
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    results = answer_questions(lm, context, args.question, press, max_new_tokens=args.max_new_tokens,
+                               question_aware=args.question_aware)
+    for result in results:
+        if args.json:
+            json.dump(result.to_dict(), sys.stdout, ensure_ascii=False)
+            sys.stdout.write("\n")
+        else:
+            sys.stdout.write(result.answer + "\n")
+    return 0
 
 
 def cmd_compress(args: argparse.Namespace) -> int:

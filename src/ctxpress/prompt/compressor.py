@@ -10,7 +10,7 @@ import torch
 from ..errors import InputError
 from ..models import DEFAULT_MODEL, LoadedModel, load_model
 from .job import Job
-from .methods import build_method
+from .methods import Method, build_method
 from .result import CompressionResult
 from .selection import resolve_target
 from .tokens import bos_prefix, decode, encode_plain, tokenize_context
@@ -76,7 +76,7 @@ class PromptCompressor:
         *,
         rate: float | None = None,
         target_tokens: int | None = None,
-        method: str = "dac",
+        method: str | Method = "dac",
         instruction: str = "",
         question: str = "",
         force_tokens: Sequence[str] = (),
@@ -103,7 +103,7 @@ class PromptCompressor:
         *,
         rate: float | None = None,
         target_tokens: int | None = None,
-        method: str = "dac",
+        method: str | Method = "dac",
         instruction: str = "",
         question: str = "",
         force_tokens: Sequence[str] = (),
@@ -111,12 +111,19 @@ class PromptCompressor:
     ) -> list[CompressionResult]:
         """Compress several contexts together: their forward passes are batched.
 
-        ``seconds`` of each result is the time of the whole batch.
+        ``method`` is a name from ``METHODS`` or a configured method object
+        (``StagedMethod``/``SegmentedMethod``). ``seconds`` of each result is
+        the time of the whole batch.
         """
         if isinstance(contexts, str):
             raise InputError("compress_batch takes a list of contexts; use compress for one")
         start = time.perf_counter()
-        algorithm = build_method(method, **options)
+        if isinstance(method, str):
+            algorithm, method_name = build_method(method, **options), method
+        elif options:
+            raise InputError("options go with a method name, not with a configured method")
+        else:
+            algorithm, method_name = method, type(method).__name__
         for name, value in (("instruction", instruction), ("question", question)):
             if not isinstance(value, str):
                 raise InputError(f"{name} must be a string")
@@ -135,7 +142,7 @@ class PromptCompressor:
                           batch_tokens=self.batch_tokens, progress=self.progress)
         seconds = time.perf_counter() - start
         settings = {**algorithm.settings(), "window_tokens": self.window_tokens, "model": self.lm.name}
-        return [self._result(job, instruction, question, method, settings, seconds) for job in jobs]
+        return [self._result(job, instruction, question, method_name, settings, seconds) for job in jobs]
 
     def _result(self, job: Job, instruction: str, question: str, method: str, settings: dict,
                 seconds: float) -> CompressionResult:

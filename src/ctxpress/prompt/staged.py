@@ -9,7 +9,7 @@ removal; the one-pass baselines are the same mechanism with one stage.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +31,9 @@ class StagedMethod:
     scorer: Scorer
     stages: int | None = None
     consecutive: bool = True
+    # How signals are computed; swappable so benchmarks can time the
+    # output_attentions reference inside the very same method.
+    signal_fn: Callable[..., list] = batched_signals
 
     def settings(self) -> dict:
         out = {"stages": self.stages if self.stages is not None else "auto", "consecutive": self.consecutive}
@@ -60,8 +63,8 @@ class StagedMethod:
         windows = [(job, w) for job, _ in active for w in range(len(job.windows))]
         seqs = [job.sequence(w) for job, w in windows]
         if self.scorer.needs_signals:
-            signals = batched_signals(model, seqs, attention=self.scorer.needs_attention,
-                                      batch_tokens=batch_tokens, on_batch=bar.update)
+            signals = self.signal_fn(model, seqs, attention=self.scorer.needs_attention,
+                                     batch_tokens=batch_tokens, on_batch=bar.update)
         else:
             signals = [None] * len(seqs)
         unit_scores: dict[int, list[np.ndarray]] = {id(job): [] for job, _ in active}

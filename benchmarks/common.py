@@ -1,0 +1,65 @@
+"""Helpers shared by the benchmark scripts: data, isolated runs, tables.
+
+Every measurement runs in a fresh child process, so that its peak memory
+(``ru_maxrss``) is its own and an out-of-memory run cannot take the others
+down with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data"
+
+
+def data_dir(arg: str | None) -> Path:
+    path = Path(arg) if arg else Path(os.environ.get("CTXPRESS_DATA", DEFAULT_DATA))
+    if not (path / "pg-essays").is_dir():
+        sys.exit(f"benchmark: no evaluation data at {path} (expected pg-essays/); pass --data-dir DIR")
+    return path
+
+
+def essays_text(data: Path) -> str:
+    """All essays, in a fixed order, as one long real text."""
+    return "\n\n".join(p.read_text(encoding="utf-8") for p in sorted((data / "pg-essays").glob("*.txt")))
+
+
+def rss_bytes() -> int:
+    """Current resident memory of this process."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def available_bytes() -> int:
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_child(script: Path, args: list[str], timeout: float | None = None) -> dict:
+    """Run ``script --child ...`` in a fresh interpreter; return the JSON it prints last."""
+    cmd = [sys.executable, str(script), "--child", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+        return {"error": tail[0] if proc.returncode > 0 else f"killed by signal {-proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

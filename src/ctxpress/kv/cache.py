@@ -1,0 +1,204 @@
+"""A transformers cache whose layers are compressed once, after prefill.
+
+:class:`CompressedLayer` is a ``DynamicLayer`` until the first prefill has
+run through every layer; then the press that owns it replaces each layer's
+tensors by a smaller store (:mod:`ctxpress.kv.store`). The layer keeps
+counting every token it has seen, so transformers derives the right
+positions for new tokens (RoPE stays correct after eviction), while the
+store holds only what was kept.
+
+Attention for these layers runs through ctxpress's registered attention
+implementation: after ``update`` the layer claims the attention call of its
+layer (:func:`ctxpress.attention.claim_next_attention`), computes the prefill
+attention and scores for its press, and afterwards attends over its store.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from ..attention import bottom_right_attention, claim_next_attention
+from ..errors import InputError
+from .rope import interleave
+
+
+@dataclass
+class PressState:
+    """What the layers of one cache share: their press and its bookkeeping."""
+
+    press: object  # a KVPress; typed loosely to keep this module free of press imports
+    model: torch.nn.Module
+    num_layers: int
+    compressed: bool = False
+    compress_seconds: float = 0.0
+    prompt_tokens: int = 0
+    layers: list[CompressedLayer] = field(default_factory=list)
+
+
+class CompressedLayer(DynamicLayer):
+    """One layer of a KV cache that a press compresses after prefill."""
+
+    def __init__(self, state: PressState, layer_idx: int) -> None:
+        super().__init__()
+        self.state = state
+        self.layer_idx = layer_idx
+        self.store = None  # set when the press compresses this layer
+        self.seen = 0  # tokens this layer has been given, kept or not
+        self.scores: torch.Tensor | None = None  # the press's prefill scores, until compression
+        self.kv_heads = self.head_dim = 0
+        self.dtype_size = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        claim_next_attention(self)
+        start = self.seen
+        self.seen += key_states.shape[-2]
+        self.kv_heads, self.head_dim = key_states.shape[1], key_states.shape[-1]
+        self.dtype_size = key_states.element_size()
+        if self.store is None:
+            return super().update(key_states, value_states)
+        positions = torch.arange(start, self.seen, device=key_states.device)
+        self.store.append(key_states, value_states, positions)
+        return self.store.materialize()
+
+    def attend(self, module, query, key, value, attention_mask, scaling) -> torch.Tensor:
+        """Attention for this layer's call; the prefill also scores and, last layer, compresses."""
+        state = self.state
+        if not state.compressed and query.shape[2] > 1:
+            return state.press.prefill(self, module, query, key, value, attention_mask, scaling)
+        if self.store is None:  # nothing removed: exactly what transformers' SDPA does
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling)[0]
+        if getattr(self.store, "interleaved", False):  # keys come back in the interleaved RoPE layout
+            query = interleave(query)
+        return bottom_right_attention(query, key, value, scaling)
+
+    def compress_to(self, store) -> None:
+        """Replace the dense prefill tensors by ``store``."""
+        self.store = store
+        self.keys = self.values = None
+        self.scores = None
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def physical_length(self) -> int:
+        if self.store is not None:
+            return len(self.store)
+        return 0 if self.keys is None or self.keys.numel() == 0 else self.keys.shape[-2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        kept = self.physical_length()
+        return kept + query_length, self.seen - kept
+
+    def nbytes(self) -> int:
+        """Bytes this layer holds now."""
+        if self.store is not None:
+            return self.store.nbytes()
+        if self.keys is None:
+            return 0
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    def dense_nbytes(self, batch: int) -> int:
+        """Bytes a plain dense cache would hold for the same tokens."""
+        return 2 * batch * self.kv_heads * self.seen * self.head_dim * self.dtype_size
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove == 0:
+            return
+        if self.store is None:
+            super().crop(tokens_to_remove)
+            self.seen = self.keys.shape[-2] if self.keys is not None else 0
+            return
+        raise NotImplementedError("a compressed cache cannot be cropped; copy() it before use instead")
+
+
+class CompressedCache(DynamicCache):
+    """A ``DynamicCache`` whose layers a press compresses after the first prefill.
+
+    Pass it to ``model(...)`` or ``model.generate(..., past_key_values=cache)``.
+    ``nbytes()`` is what it holds, ``dense_nbytes()`` what a dense cache of the
+    same tokens would hold; ``copy()`` forks it, e.g. to answer several
+    questions from one compressed context.
+    """
+
+    def __init__(self, press: object, model: torch.nn.Module) -> None:
+        super().__init__(config=model.config)
+        self.state = new_state(press, model)
+        self.layers = [CompressedLayer(self.state, i) for i in range(self.state.num_layers)]
+        self.state.layers = self.layers
+        self.batch = 1
+
+    def nbytes(self) -> int:
+        return cache_nbytes(self)
+
+    def dense_nbytes(self) -> int:
+        return cache_dense_nbytes(self)
+
+    @property
+    def compress_seconds(self) -> float:
+        return self.state.compress_seconds
+
+    def copy(self) -> CompressedCache:
+        """An independent copy sharing only the model reference."""
+        memo = {id(self.state.model): self.state.model, id(self.state.press): self.state.press}
+        return copy.deepcopy(self, memo)
+
+
+def new_state(press: object, model: torch.nn.Module) -> PressState:
+    config = model.config.get_text_config(decoder=True)
+    return PressState(press=press, model=model, num_layers=config.num_hidden_layers)
+
+
+def _layers(cache) -> list[CompressedLayer]:
+    return [layer for layer in cache.layers if isinstance(layer, CompressedLayer)]
+
+
+def _batch(cache) -> int:
+    for layer in _layers(cache):
+        tensor = layer.keys if layer.store is None else getattr(layer.store, "keys", None)
+        if isinstance(tensor, torch.Tensor) and tensor.dim() == 4:
+            return tensor.shape[0]
+    return 1
+
+
+def cache_nbytes(cache) -> int:
+    """Bytes held by the compressed layers of ``cache``."""
+    return sum(layer.nbytes() for layer in _layers(cache))
+
+
+def cache_dense_nbytes(cache) -> int:
+    """Bytes a dense cache of the same tokens would hold."""
+    batch = _batch(cache)
+    return sum(layer.dense_nbytes(batch) for layer in _layers(cache))
+
+
+def convert_cache(cache, state_for: Callable[[object], PressState], layer_idx: int) -> None:
+    """Make layer ``layer_idx`` of a fresh transformers cache a :class:`CompressedLayer`."""
+    if isinstance(cache.layers[layer_idx] if layer_idx < len(cache.layers) else None, CompressedLayer):
+        return
+    state = state_for(cache)
+    while len(cache.layers) <= layer_idx:
+        cache.layers.append(DynamicLayer())
+    old = cache.layers[layer_idx]
+    if old.get_seq_length() > 0:
+        raise InputError("a press can only compress a cache it has seen from the first token")
+    layer = CompressedLayer(state, layer_idx)
+    cache.layers[layer_idx] = layer
+    state.layers.append(layer)
+
+
+def timed(state: PressState, fn: Callable[[], object]) -> object:
+    """Run ``fn``, adding its time to the cache's compression time."""
+    start = time.perf_counter()
+    try:
+        return fn()
+    finally:
+        state.compress_seconds += time.perf_counter() - start

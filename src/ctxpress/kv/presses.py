@@ -1,0 +1,237 @@
+"""KV-cache compression methods ("presses") on one mechanism.
+
+Each press is a small dataclass: how it scores tokens at prefill
+(:meth:`KVPress.score`) and how many each layer keeps (:meth:`KVPress.keep_counts`).
+The shared machinery (:mod:`ctxpress.kv.cache`) runs the prefill, collects
+the scores layer by layer, then calls :meth:`KVPress.compress` once. Two
+ways to use any press::
+
+    cache = SnapKV(ratio=0.2).cache(model)            # explicit cache
+    model.generate(ids, past_key_values=cache, ...)
+
+    with SnapKV(ratio=0.2)(model):                     # context manager
+        model.generate(ids, ...)
+
+Budgets: ``ratio`` is the fraction of the dense cache's bytes to keep (for
+the eviction baselines this equals the fraction of tokens), ``tokens`` the
+number of tokens each head keeps per layer, on average over layers.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..attention import attention_implementation, attention_with_column_sums, register
+from ..errors import InputError
+from .budget import pyramid_keep, uniform_keep
+from .cache import CompressedCache, CompressedLayer, PressState, convert_cache, new_state, timed
+from .scores import group_mean, pool, window_scores
+from .store import DenseStore
+
+
+@dataclass
+class KVPress:
+    """No compression: the reference every press is measured against."""
+
+    ratio: float | None = None
+    tokens: int | None = None
+
+    name: ClassVar[str] = "full"
+    needs_budget: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if self.ratio is not None and self.tokens is not None:
+            raise InputError("give a ratio or a token budget, not both")
+        if self.ratio is not None and (isinstance(self.ratio, bool) or not 0 < self.ratio <= 1):
+            raise InputError(f"ratio must be in (0, 1], got {self.ratio!r}")
+        if self.tokens is not None and (isinstance(self.tokens, bool) or not isinstance(self.tokens, int)
+                                        or self.tokens < 1):
+            raise InputError(f"tokens must be a positive integer, got {self.tokens!r}")
+        if self.needs_budget and self.ratio is None and self.tokens is None:
+            raise InputError(f"{self.name} needs a budget: ratio (fraction of the cache) or tokens")
+
+    # -- the two ways in ---------------------------------------------------------------
+    def cache(self, model: torch.nn.Module) -> CompressedCache:
+        """A cache that this press compresses after its first prefill.
+
+        The model's attention implementation is set to ctxpress's, which is
+        plain SDPA for everything but compressed caches.
+        """
+        register()
+        from ..attention import ATTN_IMPLEMENTATION
+
+        if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+            model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        return CompressedCache(self, model)
+
+    @contextmanager
+    def __call__(self, model: torch.nn.Module) -> Iterator[KVPress]:
+        """Compress every cache the model fills inside the block (from its first token)."""
+        from ..attention import ATTN_IMPLEMENTATION
+
+        register()
+        states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+        def state_for(cache) -> PressState:
+            if cache not in states:
+                states[cache] = new_state(self, model)
+            return states[cache]
+
+        def convert(module, args, kwargs):
+            cache = kwargs.get("past_key_values")
+            if cache is not None and hasattr(cache, "layers"):
+                convert_cache(cache, state_for, module.layer_idx)
+
+        hooks = [m.register_forward_pre_hook(convert, with_kwargs=True)
+                 for m in model.modules() if _is_attention(m)]
+        if not hooks:
+            raise InputError(f"no attention layers with a layer index found in {type(model).__name__}")
+        try:
+            with attention_implementation(model, ATTN_IMPLEMENTATION):
+                yield self
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    # -- the mechanism -----------------------------------------------------------------
+    needs_column_sums: ClassVar[bool] = False
+
+    def prefill(self, layer: CompressedLayer, module, query, key, value, attention_mask, scaling) -> torch.Tensor:
+        """Attention of the prefill pass, plus this layer's scores; compress after the last layer."""
+        state = layer.state
+        if attention_mask is not None and not _is_plain_causal(attention_mask):
+            raise InputError("KV compression needs unpadded input (one prompt, or prompts of equal length)")
+        window = getattr(module.config, "sliding_window", None)
+        if window and query.shape[2] > window:
+            raise InputError(f"the prompt is longer than the model's sliding window ({window})")
+        columns = None
+        if self.needs_column_sums:
+            out, columns = attention_with_column_sums(query, key, value, scaling, per_head=True)
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query, key, value, is_causal=True, scale=scaling, enable_gqa=key.shape[1] != query.shape[1]
+            ).transpose(1, 2)
+        layer.scores = timed(state, lambda: self.score(query, key, scaling, columns))
+        if layer.layer_idx == state.num_layers - 1:
+            state.prompt_tokens = layer.seen
+            timed(state, lambda: self.compress(state))
+            state.compressed = True
+        return out
+
+    def score(self, query, key, scaling, columns) -> torch.Tensor | None:
+        """Importance of every prompt token, (b, heads, n); None if the press needs none."""
+        return None
+
+    def compress(self, state: PressState) -> None:
+        """Replace every layer's prefill tensors by what it keeps."""
+
+    def settings(self) -> dict:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+def _is_plain_causal(mask: torch.Tensor) -> bool:
+    """Whether a 4D prefill mask (boolean or additive) only encodes causality, no padding."""
+    q, k = mask.shape[-2:]
+    causal = torch.ones(q, k, dtype=torch.bool, device=mask.device).tril_(k - q)
+    allowed = mask if mask.dtype == torch.bool else mask == 0
+    return bool(torch.equal(allowed, causal.expand_as(allowed)))
+
+
+def _is_attention(module: torch.nn.Module) -> bool:
+    return hasattr(module, "layer_idx") and hasattr(module, "o_proj") and hasattr(module, "k_proj")
+
+
+@dataclass
+class EvictionPress(KVPress):
+    """Keep each layer's top-scored tokens (one choice per KV head) plus a recent window."""
+
+    window: int = 32
+    needs_budget: ClassVar[bool] = True
+
+    def mean_keep(self, n: int) -> int:
+        """Tokens kept per layer on average."""
+        if self.tokens is not None:
+            return min(n, self.tokens)
+        return min(n, max(1, math.floor(self.ratio * n)))
+
+    def keep_counts(self, n: int, layers: int) -> list[int]:
+        return uniform_keep(n, self.mean_keep(n) / n, layers)
+
+    def effective_window(self, n: int) -> int:
+        return max(0, min(self.window, self.mean_keep(n) - 1, n))
+
+    def compress(self, state: PressState) -> None:
+        layers = sorted(state.layers, key=lambda layer: layer.layer_idx)
+        n = layers[0].seen
+        window = self.effective_window(n)
+        for layer, keep in zip(layers, self.keep_counts(n, len(layers))):
+            keys, values = layer.keys, layer.values
+            if keep >= n:
+                layer.compress_to(DenseStore(keys, values))
+                continue
+            scores = layer.scores
+            if scores.shape[1] != keys.shape[1]:
+                scores = group_mean(scores, keys.shape[1])
+            scores = scores.clone()
+            if window:
+                scores[..., n - window :] = float("inf")  # the recent window is always kept
+            idx = scores.topk(keep, dim=-1).indices.sort(dim=-1).values
+            gather = idx[..., None].expand(-1, -1, -1, keys.shape[-1])
+            layer.compress_to(DenseStore(keys.gather(2, gather), values.gather(2, gather)))
+
+
+@dataclass
+class StreamingLLM(EvictionPress):
+    """Attention sinks (the first tokens) plus the most recent tokens."""
+
+    sinks: int = 4
+    name: ClassVar[str] = "streaming"
+
+    def score(self, query, key, scaling, columns) -> torch.Tensor:
+        b, kv_heads, n, _ = key.shape
+        recency = torch.arange(n, dtype=torch.float32, device=key.device)
+        recency[: self.sinks] = float("inf")
+        return recency.expand(b, kv_heads, n)
+
+
+@dataclass
+class H2O(EvictionPress):
+    """Heavy hitters: attention accumulated over every prompt query, plus recent tokens."""
+
+    name: ClassVar[str] = "h2o"
+    needs_column_sums: ClassVar[bool] = True
+
+    def score(self, query, key, scaling, columns) -> torch.Tensor:
+        return columns
+
+
+@dataclass
+class SnapKV(EvictionPress):
+    """Attention of an observation window (the last prompt tokens), pooled."""
+
+    kernel: int = 5
+    normalize: str = "sum"
+    name: ClassVar[str] = "snapkv"
+
+    def score(self, query, key, scaling, columns) -> torch.Tensor:
+        n = key.shape[2]
+        scores = window_scores(query, key, min(self.window, n), scaling, self.normalize)
+        return pool(scores, self.kernel)
+
+
+@dataclass
+class PyramidKV(SnapKV):
+    """SnapKV scores with a pyramid budget: more tokens in shallow layers, fewer in deep ones."""
+
+    beta: float = 0.05
+    name: ClassVar[str] = "pyramidkv"
+
+    def keep_counts(self, n: int, layers: int) -> list[int]:
+        return pyramid_keep(n, self.mean_keep(n) / n, layers, self.effective_window(n), self.beta)

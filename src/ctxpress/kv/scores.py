@@ -1,0 +1,55 @@
+"""Token importance for eviction, from the prefill's own queries.
+
+* window scores (SnapKV, PyramidKV, SpindleKV): attention of the last
+  ``window`` prompt positions to every key, summed over those rows;
+* accumulated scores (H2O): attention summed over *all* prompt queries;
+* pooling over neighbouring keys, and the GQA choice between one decision per
+  KV head (mean over its query heads) and one per query head.
+
+All scores are float32 (b, heads, n); the window's own keys are scored too,
+callers always keep them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def window_scores(query: torch.Tensor, key: torch.Tensor, window: int, scaling: float,
+                  normalize: str = "sum") -> torch.Tensor:
+    """Attention of the last ``window`` queries to every key, summed over those queries.
+
+    ``query`` (b, heads, n, d) and ``key`` (b, kv_heads, n, d) are post-RoPE.
+    ``normalize="position"`` divides the score of key ``a`` by ``n - a``, the
+    number of prompt positions that can attend to it (SpindleKV's paper form).
+    """
+    b, heads, n, d = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    w = min(window, n)
+    q = query[:, :, n - w :].reshape(b, kv_heads, groups * w, d).float()
+    scores = torch.matmul(q, key.float().transpose(-1, -2)) * scaling  # (b, kv, g*w, n)
+    scores = scores.view(b, heads, w, n)
+    rows = torch.arange(n - w, n, device=query.device)[:, None]
+    scores.masked_fill_(torch.arange(n, device=query.device)[None, :] > rows, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).sum(dim=2)  # (b, heads, n)
+    if normalize == "position":
+        probs = probs / torch.arange(n, 0, -1, device=query.device, dtype=probs.dtype)
+    elif normalize != "sum":
+        raise ValueError(f"normalize must be 'sum' or 'position', got {normalize!r}")
+    return probs
+
+
+def pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Average over ``kernel`` neighbouring keys, so kept tokens come with their context."""
+    if kernel <= 1:
+        return scores
+    b, h, n = scores.shape
+    pooled = torch.nn.functional.avg_pool1d(scores.reshape(b * h, 1, n), kernel, stride=1, padding=kernel // 2)
+    return pooled.view(b, h, -1)[..., :n]
+
+
+def group_mean(scores: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """One score per KV head: the mean over the query heads that share it."""
+    b, heads, n = scores.shape
+    return scores.view(b, kv_heads, heads // kv_heads, n).mean(dim=2)

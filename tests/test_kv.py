@@ -1,0 +1,343 @@
+"""KV-cache compression on tiny random models (GQA and plain multi-head)."""
+
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from ctxpress.errors import InputError
+from ctxpress.kv import H2O, PRESSES, KVPress, PyramidKV, SnapKV, SpindleKV, StreamingLLM, build_press
+from ctxpress.kv import codebook as cb
+from ctxpress.kv.budget import pyramid_keep
+from ctxpress.kv.cache import CompressedLayer
+from ctxpress.kv.rope import deinterleave
+from ctxpress.kv.store import CodedRows, DenseRows, DenseStore, HeadwiseStore
+
+N = 160  # prompt tokens
+
+
+@pytest.fixture(params=["tiny_lm", "tiny_mha_lm"])
+def lm(request):
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture
+def prompt(lm):
+    torch.manual_seed(0)
+    return torch.randint(1, len(lm.tokenizer), (1, N))  # 0 is the pad id
+
+
+def greedy(model, ids, **kw):
+    kw = {"max_new_tokens": 12, **kw}
+    return model.generate(ids, do_sample=False, pad_token_id=0, **kw)
+
+
+def compressed(model, press, ids):
+    cache = press.cache(model)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    return cache
+
+
+def test_full_matches_plain_generate(lm, prompt):
+    plain = greedy(lm.model, prompt)
+    cache = KVPress().cache(lm.model)
+    assert torch.equal(greedy(lm.model, prompt, past_key_values=cache), plain)
+    with KVPress()(lm.model):
+        assert torch.equal(greedy(lm.model, prompt), plain)
+    assert cache.nbytes() == cache.dense_nbytes()
+
+
+@pytest.mark.parametrize("name", [n for n in PRESSES if n != "full"])
+def test_both_forms_agree_and_shrink(lm, prompt, name):
+    press = build_press(name, ratio=0.3)
+    cache = press.cache(lm.model)
+    a = greedy(lm.model, prompt, past_key_values=cache, min_new_tokens=12)
+    with press(lm.model):
+        b = greedy(lm.model, prompt, min_new_tokens=12)
+    assert torch.equal(a, b)
+    assert a.shape[1] == N + 12
+    assert cache.nbytes() < 0.5 * cache.dense_nbytes()
+
+
+def reference_layers(model, ids):
+    """Dense keys/values and attention maps of a plain eager prefill."""
+    from ctxpress.attention import attention_implementation
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), attention_implementation(model, "eager"):
+        out = model(ids, past_key_values=cache, output_attentions=True)
+    return [(layer.keys, layer.values) for layer in cache.layers], out.attentions
+
+
+def expected_keep(scores, kv_heads, keep, window):
+    """Top-``keep`` per KV head of group-mean scores, the last ``window`` tokens forced."""
+    b, heads, n = scores.shape
+    s = scores.view(b, kv_heads, heads // kv_heads, n).mean(2).clone()
+    s[..., n - window:] = float("inf")
+    return s.topk(keep, dim=-1).indices.sort(dim=-1).values
+
+
+@pytest.mark.parametrize("press_cls", [SnapKV, H2O, StreamingLLM, PyramidKV])
+def test_eviction_keeps_exactly_the_top_scored_tokens(lm, prompt, press_cls):
+    press = press_cls(ratio=0.25)
+    cache = compressed(lm.model, press, prompt)
+    dense, maps = reference_layers(lm.model, prompt)
+    kv_heads = dense[0][0].shape[1]
+    counts = press.keep_counts(N, len(dense))
+    window = press.effective_window(N)
+    for i, ((keys, values), attn, keep) in enumerate(zip(dense, maps, counts)):
+        if press_cls is StreamingLLM:
+            idx = torch.cat([torch.arange(4), torch.arange(N - keep + 4, N)]).expand(1, kv_heads, -1)
+        else:
+            if press_cls is H2O:
+                scores = attn.sum(dim=2)  # every query row
+            else:
+                scores = torch.nn.functional.avg_pool1d(
+                    attn[:, :, -window:].sum(dim=2).view(-1, 1, N), 5, 1, 2).view(1, -1, N)
+            idx = expected_keep(scores, kv_heads, keep, window)
+        store = cache.layers[i].store
+        assert isinstance(store, DenseStore) and len(store) == keep
+        gather = idx[..., None].expand(-1, -1, -1, keys.shape[-1])
+        torch.testing.assert_close(store.keys, keys.gather(2, gather), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(store.values, values.gather(2, gather), atol=1e-5, rtol=1e-5)
+
+
+def test_pyramid_budget_per_layer(tiny_lm, prompt):
+    cache = compressed(tiny_lm.model, PyramidKV(ratio=0.3), prompt)
+    kept = [len(layer.store) for layer in cache.layers]
+    assert kept == pyramid_keep(N, math.floor(0.3 * N) / N, len(kept), 32)
+    assert kept[0] > kept[-1] and sum(kept) == math.floor(0.3 * N) * len(kept)
+
+
+@pytest.mark.parametrize("r", [0.5, 0.2, 0.1])
+def test_pyramid_schedule_matches_spec(r):
+    n, window, layers = 1000, 32, 30
+    kept = pyramid_keep(n, r, layers, window)
+    r_c = (r * n - window) / (n - window)
+    first, last = (2 * r_c - 0.05, 0.05) if r_c <= 0.525 else (1, 2 * r_c - 1)
+    assert kept[0] == window + round(first * (n - window))
+    assert abs(kept[-1] - (window + last * (n - window))) <= 1
+    assert sum(kept) == round(r * n) * layers
+
+
+def test_codebook_reconstructs_within_threshold_and_merges_copies():
+    torch.manual_seed(0)
+    base = torch.randn(40, 16)
+    near = base[:10] + 0.01 * torch.randn(10, 16)  # almost the same directions
+    vectors = torch.cat([base, base[:5].clone(), near * 3.0])  # exact copies and scaled near-copies
+    book = cb.build(vectors, 0.98)
+    rebuilt = book.decode()
+    cos = torch.nn.functional.cosine_similarity(rebuilt, vectors, dim=-1)
+    assert torch.all(cos > 0.98 - 1e-6)
+    torch.testing.assert_close(rebuilt.norm(dim=-1), vectors.norm(dim=-1))
+    assert torch.equal(book.index[40:45], book.index[:5])  # exact copies share one entry
+    assert book.entries.shape[0] <= 40  # copies and near-copies add no entries
+
+
+def test_greedy_cover_takes_highest_degree_first():
+    # star: node 2 is similar to all others, who are not similar to each other
+    graph = torch.eye(5, dtype=torch.bool)
+    graph[2, :] = graph[:, 2] = True
+    exemplars, assign = cb.greedy_cover(graph)
+    assert exemplars.tolist() == [2] and assign.tolist() == [0] * 5
+
+
+def stored_tensor_bytes(obj, seen=None) -> int:
+    """All tensor bytes reachable from a store (not through modules such as the rotary embedding)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or isinstance(obj, torch.nn.Module):
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    items = obj if isinstance(obj, (list, tuple)) else vars(obj).values() if hasattr(obj, "__dict__") else []
+    return sum(stored_tensor_bytes(v, seen) for v in items)
+
+
+@pytest.mark.parametrize("options", [{}, {"per_head": False}, {"codebook": False}, {"tokens": 40}])
+def test_spindlekv_bytes_and_reconstruction(tiny_lm, prompt, options):
+    ratio = None if "tokens" in options else 0.3
+    # random weights give dissimilar vectors, where the codebook would not pay: force it
+    press = SpindleKV(ratio=ratio, dense_fallback=False, **options)
+    cache = compressed(tiny_lm.model, press, prompt)
+    held = sum(stored_tensor_bytes(layer.store) for layer in cache.layers)
+    assert cache.nbytes() == held  # nbytes counts exactly the tensors held
+    if ratio is not None:
+        assert cache.nbytes() <= ratio * cache.dense_nbytes()
+        assert cache.nbytes() >= 0.8 * ratio * cache.dense_nbytes()  # calibration uses the budget
+    dense, _ = reference_layers(tiny_lm.model, prompt)
+    heads = tiny_lm.model.config.num_attention_heads
+    for layer, (keys, values) in zip(cache.layers, dense):
+        store = layer.store
+        assert isinstance(store, HeadwiseStore)
+        coded = options.get("codebook", True)
+        assert isinstance(store.keys, CodedRows if coded else DenseRows)
+        selectors = heads if options.get("per_head", True) else keys.shape[1]
+        assert store.select.shape[0] == selectors
+        k, v = store.materialize()
+        if store.interleaved:  # coded keys come back in the interleaved RoPE layout
+            k = deinterleave(k)
+        groups = selectors // keys.shape[1]
+        for s in range(selectors):
+            g = s // groups
+            if coded:  # every kept vector is within its threshold of the original at its position
+                pos = store.positions[store.select[s].long()].long()
+                cos_k = torch.nn.functional.cosine_similarity(k[0, s], keys[0, g, pos], dim=-1)
+                cos_v = torch.nn.functional.cosine_similarity(v[0, s], values[0, g, pos], dim=-1)
+                assert torch.all(cos_k > 0.98 - 1e-4) and torch.all(cos_v > 0.95 - 1e-4)
+                torch.testing.assert_close(k[0, s].norm(dim=-1), keys[0, g, pos].norm(dim=-1))
+            else:  # dense rows are the original vectors (up to the eager/SDPA difference)
+                gap = (k[0, s][:, None] - keys[0, g][None]).abs().amax(dim=-1).min(dim=1).values
+                assert bool((gap < 1e-4).all())
+
+
+def test_codebook_used_only_where_it_saves_bytes(tokenizer, prompt):
+    from conftest import make_model
+
+    model = make_model(len(tokenizer), kv_heads=2)
+    with torch.no_grad():  # layer 0's keys all point the same way: its key codebook collapses
+        model.model.layers[0].self_attn.k_proj.weight[:] = model.model.layers[0].self_attn.k_proj.weight[:1]
+    cache = compressed(model, SpindleKV(ratio=0.3), prompt)
+    first, last = cache.layers[0].store, cache.layers[-1].store
+    assert isinstance(first.keys, CodedRows) and len(first.keys.entries) <= 4
+    assert isinstance(last.keys, DenseRows) and isinstance(last.values, DenseRows)
+    forced = compressed(model, SpindleKV(ratio=0.3, dense_fallback=False), prompt)
+    assert isinstance(forced.layers[-1].store.keys, CodedRows)
+    assert cache.layers[-1].nbytes() <= forced.layers[-1].nbytes()
+
+
+def test_spindlekv_per_head_selection_is_per_query_head(tiny_lm, prompt):
+    cache = compressed(tiny_lm.model, SpindleKV(ratio=0.3, codebook=False), prompt)
+    store = cache.layers[-1].store
+    first, second = store.select[0], store.select[1]  # two query heads sharing KV head 0
+    assert not torch.equal(first, second)  # choose differently
+    rows = torch.unique(torch.cat([first, second]))
+    assert len(rows) < 2 * len(first)  # tokens both keep are stored once
+    assert len(store.keys) == sum(len(torch.unique(store.select[2 * g: 2 * g + 2])) for g in range(2))
+
+
+def test_codebook_only_keeps_every_token(tiny_lm, prompt):
+    cache = compressed(tiny_lm.model, SpindleKV(evict=False), prompt)
+    assert all(len(layer.store) == N for layer in cache.layers)
+
+
+def test_decode_growth_is_bounded(tiny_lm, prompt):
+    for press in (SnapKV(ratio=0.3), SpindleKV(ratio=0.3), SpindleKV(ratio=0.3, codebook=False)):
+        cache = compressed(tiny_lm.model, press, prompt[:, :-1])
+        after_prefill, dense_prompt = cache.nbytes(), cache.dense_nbytes()
+        out = greedy(tiny_lm.model, prompt, past_key_values=cache, min_new_tokens=12)
+        new = out.shape[1] - N
+        # a new token costs at most its dense size plus, per layer and KV head, the
+        # codebook's index and magnitude for K and V, its position and its row ids
+        layers, kv_heads = len(cache.layers), cache.layers[0].kv_heads
+        meta = 2 * (2 + 4) + 4 + 2 * 2  # K and V: index and magnitude; position; row id in each head's list
+        per_token = dense_prompt / (N - 1) + layers * kv_heads * meta
+        assert cache.get_seq_length() == N + new - 1  # the last token is never fed back
+        assert cache.nbytes() <= after_prefill + (new + 1) * per_token
+
+
+def test_coded_rows_match_or_get_new_entries():
+    torch.manual_seed(1)
+    book = cb.build(torch.randn(8, 16), 0.95)
+    tags = torch.zeros(len(book.entries), dtype=torch.int8)
+    coded = CodedRows(book.entries, tags, book.index.to(torch.int16), book.magnitude, 0.95)
+    group0 = torch.zeros(2, dtype=torch.long)
+    coded.add(book.decode()[:2] * 2, group0)  # same directions, same group: matched
+    assert coded.index[-2:].tolist() == book.index[:2].tolist()
+    assert len(coded.entries) == len(book.entries)
+    loose = torch.randn(3, 16)
+    coded.add(torch.cat([loose, book.decode()[:1]]), torch.tensor([0, 0, 0, 1]))
+    # the loose rows of group 0 and the row of group 1 (whose codebook was empty) got entries
+    assert len(coded.entries) > len(book.entries) and coded.entry_group.tolist().count(1) == 1
+    rebuilt = coded.decode()[-4:]
+    cos = torch.nn.functional.cosine_similarity(rebuilt[:3], loose, dim=-1)
+    assert torch.all(cos > 0.95)
+    torch.testing.assert_close(rebuilt.norm(dim=-1), torch.cat([loose, book.decode()[:1]]).norm(dim=-1))
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+def test_decoded_tokens_wait_dense_then_encode(tiny_lm, prompt, fallback):
+    press = SpindleKV(ratio=0.3, encode_every=4, dense_fallback=fallback)
+    cache = compressed(tiny_lm.model, press, prompt[:, :-1])
+    store = cache.layers[0].store
+    rows, listed = len(store.keys), store.select.shape[1]
+    greedy(tiny_lm.model, prompt, past_key_values=cache, min_new_tokens=6, max_new_tokens=6)
+    # 6 tokens fed (the last prompt token and 5 generated): 4 encoded, 2 waiting
+    assert len(store.tail_keys) == 2 * store.kv_heads
+    assert len(store.keys) == rows + 4 * store.kv_heads
+    assert store.select.shape[1] == listed + 6  # every head sees every new token
+
+
+def test_copy_serves_several_questions(tiny_lm, prompt):
+    cache = compressed(tiny_lm.model, SpindleKV(ratio=0.3), prompt)
+    size = cache.nbytes()
+    q1, q2 = torch.randint(0, 300, (1, 6)), torch.randint(0, 300, (1, 9))
+    first = greedy(tiny_lm.model, torch.cat([prompt, q1], 1), past_key_values=cache.copy())
+    again = greedy(tiny_lm.model, torch.cat([prompt, q1], 1), past_key_values=cache.copy())
+    greedy(tiny_lm.model, torch.cat([prompt, q2], 1), past_key_values=cache.copy())
+    assert torch.equal(first, again)
+    assert cache.nbytes() == size and cache.get_seq_length() == N
+
+
+def test_question_after_compression_is_causal(tiny_lm, prompt):
+    """A multi-token question over a compressed cache equals feeding it token by token."""
+    press = PyramidKV(ratio=0.3)
+    q = torch.randint(0, 300, (1, 7))
+    a = compressed(tiny_lm.model, press, prompt)
+    b = a.copy()
+    with torch.no_grad():
+        together = tiny_lm.model(q, past_key_values=a).logits
+        single = torch.cat([tiny_lm.model(q[:, i:i + 1], past_key_values=b).logits for i in range(7)], 1)
+    torch.testing.assert_close(together, single, atol=1e-4, rtol=1e-4)
+
+
+def test_batch_of_equal_prompts_and_padding_error(tiny_lm):
+    torch.manual_seed(2)
+    ids = torch.randint(1, 300, (2, 80))
+    out = greedy(tiny_lm.model, ids, past_key_values=SnapKV(ratio=0.5).cache(tiny_lm.model))
+    assert out.shape == (2, 92)
+    with pytest.raises(InputError, match="batch size 1"):
+        greedy(tiny_lm.model, ids, past_key_values=SpindleKV(ratio=0.5).cache(tiny_lm.model))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    with pytest.raises(InputError, match="unpadded"):
+        greedy(tiny_lm.model, ids, attention_mask=mask, past_key_values=SnapKV(ratio=0.5).cache(tiny_lm.model))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(tokenizer, dtype):
+    from conftest import make_model
+
+    model = make_model(len(tokenizer), kv_heads=2).to(dtype)
+    ids = torch.randint(1, 300, (1, 100))
+    for press in (SnapKV(ratio=0.3), SpindleKV(ratio=0.3)):
+        cache = press.cache(model)
+        out = greedy(model, ids, past_key_values=cache)
+        assert out.shape == (1, 112)
+        assert cache.nbytes() <= 0.3 * cache.dense_nbytes() + 12 * cache.dense_nbytes() / 112 + 1
+
+
+@pytest.mark.parametrize(
+    "name,options,match",
+    [
+        ("snapkv", {}, "needs a budget"),
+        ("snapkv", {"ratio": 1.5}, "ratio"),
+        ("snapkv", {"ratio": 0.5, "tokens": 3}, "not both"),
+        ("h2o", {"tokens": 0}, "tokens"),
+        ("spindlekv", {"evict": False, "ratio": 0.2}, "no ratio"),
+        ("spindlekv", {"ratio": 0.2, "theta_k": 2}, "theta_k"),
+        ("snapkv", {"ratio": 0.2, "colour": "red"}, "colour"),
+        ("lzw", {}, "unknown KV method"),
+    ],
+)
+def test_bad_press_options(name, options, match):
+    with pytest.raises(InputError, match=match):
+        build_press(name, **options)
+
+
+def test_layers_are_compressed_layers(tiny_lm, prompt):
+    cache = compressed(tiny_lm.model, SnapKV(ratio=0.5), prompt)
+    assert all(isinstance(layer, CompressedLayer) for layer in cache.layers)
+    assert cache.get_seq_length() == N
