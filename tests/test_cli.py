@@ -110,3 +110,53 @@ def test_console_script_no_traceback(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     proc = subprocess.run([*exe, "--version"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("ctxpress ")
+
+
+GENERATE_KEYS = {"answer", "cache_bytes", "full_cache_bytes", "prefill_seconds", "compress_seconds",
+                 "decode_tokens_per_second", "peak_memory_bytes", "method"}
+
+
+def test_generate_json(capsys, doc, tiny_model_dir):
+    code, out, err = run(capsys, "generate", "--context-file", doc, "--question", "What is dropped?",
+                         "--kv", "snapkv", "--kv-ratio", "0.5", "--max-new-tokens", "5", "--model", tiny_model_dir,
+                         "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert GENERATE_KEYS <= set(result) and result["method"] == "snapkv"
+    assert result["cache_bytes"] <= 0.5 * result["full_cache_bytes"]
+    assert result["prefill_seconds"] > 0 and result["peak_memory_bytes"] > 0
+
+
+def test_generate_several_questions_one_cache(capsys, doc, tiny_model_dir):
+    code, out, _ = run(capsys, "generate", "--context-file", doc, "--question", "Why?", "--question", "How?",
+                       "--kv", "spindlekv", "--kv-option", "per_head=false", "--max-new-tokens", "3",
+                       "--model", tiny_model_dir, "--json")
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and len(lines) == 2
+    assert lines[0]["cache_bytes"] == lines[1]["cache_bytes"]  # one compression serves both
+    assert lines[0]["settings"]["per_head"] is False
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--kv", "zip"], "invalid choice"),
+        (["--kv-option", "window"], "KEY=VALUE"),
+        (["--kv-option", "colour=red"], "colour"),
+        (["--kv", "full", "--kv-ratio", "0.5"], "takes no budget"),
+        (["--kv-ratio", "2"], "--kv-ratio"),
+        (["--question-aware", "--question", "Again?"], "one question"),
+    ],
+)
+def test_generate_bad_input(capsys, doc, tiny_model_dir, extra, needle):
+    code, out, err = run(capsys, "generate", "--context-file", doc, "--question", "Why?", "--model",
+                         tiny_model_dir, *extra)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and needle in err
+
+
+def test_generate_empty_context(capsys, tmp_path, tiny_model_dir):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    code, _, err = run(capsys, "generate", "--context-file", empty, "--question", "Why?", "--model", tiny_model_dir)
+    assert code == 2 and "empty" in err

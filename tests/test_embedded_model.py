@@ -66,3 +66,23 @@ def test_cli_default_model_json(tmp_path):
     result = json.loads(proc.stdout)
     assert result["method"] == "dac-static"
     assert abs(result["compressed_tokens"] - round(0.5 * result["origin_tokens"])) <= 1
+
+
+def test_needle_survives_eviction(smollm):
+    """RoPE positions survive eviction on the real model: with 70% of the cache
+    evicted, the kept needle is still read correctly; StreamingLLM, which evicts the
+    middle of the context where the needle is, loses it."""
+    from ctxpress.kv.generation import answer_questions
+
+    if not ESSAYS.is_dir():
+        pytest.skip("needs the essays in ../shared/data")
+    words = (ESSAYS / "addiction.txt").read_text(encoding="utf-8").split()
+    context = " ".join(words[:300]) + " The secret passkey is 71432. Remember it. " + " ".join(words[300:600])
+    question = "What is the secret passkey? Answer with the number only."
+    for method in ("full", "snapkv", "spindlekv", "streaming"):
+        options = {} if method == "full" else {"ratio": 0.3}
+        result = answer_questions(smollm, context, [question], method, max_new_tokens=12,
+                                  question_aware=True, **options)[0]
+        assert ("71432" in result.answer) == (method != "streaming"), (method, result.answer)
+        if method != "full":
+            assert result.cache_bytes <= 0.3 * result.full_cache_bytes

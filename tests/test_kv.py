@@ -341,3 +341,29 @@ def test_layers_are_compressed_layers(tiny_lm, prompt):
     cache = compressed(tiny_lm.model, SnapKV(ratio=0.5), prompt)
     assert all(isinstance(layer, CompressedLayer) for layer in cache.layers)
     assert cache.get_seq_length() == N
+
+
+def test_positions_survive_eviction(tiny_lm, prompt):
+    """Question tokens after eviction see exactly what a dense model sees when the
+    evicted tokens are masked out: kept keys keep their original positions and new
+    tokens continue from the full prompt length."""
+    model = tiny_lm.model
+    keep = 40
+    cache = compressed(model, StreamingLLM(tokens=keep), prompt)  # same kept set in every layer
+    question = torch.randint(1, 300, (1, 6))
+    with torch.no_grad():
+        got = model(question, past_key_values=cache).logits
+        full = torch.cat([prompt, question], dim=1)
+        total = full.shape[1]
+        visible = torch.ones(total, total, dtype=torch.bool).tril()
+        kept = torch.zeros(N, dtype=torch.bool)
+        kept[:4] = True
+        kept[N - (keep - 4):] = True
+        visible[N:, :N] &= kept  # question rows see only the kept context tokens
+        mask = torch.where(visible, 0.0, float("-inf"))[None, None]
+        want = model(full, attention_mask=mask).logits[:, N:]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # the same with positions restarted after the kept tokens differs: positions matter
+    with torch.no_grad():
+        short = torch.cat([prompt[:, kept], question], dim=1)
+        assert not torch.allclose(model(short).logits[:, keep:], want, atol=1e-3)

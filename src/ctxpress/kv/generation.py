@@ -91,10 +91,15 @@ def answer_questions(
     press: KVPress | str = "full",
     *,
     max_new_tokens: int = 64,
+    min_new_tokens: int = 0,
     question_aware: bool = False,
     **press_options,
 ) -> list[GenerationResult]:
-    """Answer each question from one compressed cache of ``context`` (greedy decoding)."""
+    """Answer each question from one compressed cache of ``context`` (greedy decoding).
+
+    ``min_new_tokens`` suppresses end-of-sequence until that many tokens exist
+    (for timing decoding over a fixed length).
+    """
     if isinstance(press, str):
         press = build_press(press, **press_options)
     elif press_options:
@@ -129,7 +134,8 @@ def answer_questions(
             else:
                 use = cache.copy()
             clock = _Clock()
-            out = model.generate(full, past_key_values=use, max_new_tokens=max_new_tokens, do_sample=False,
+            out = model.generate(full, past_key_values=use, max_new_tokens=max_new_tokens,
+                                 min_new_tokens=min(min_new_tokens, max_new_tokens), do_sample=False,
                                  top_p=None, top_k=None, temperature=None, streamer=clock,
                                  pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
             new = out[0, full.shape[1]:]
