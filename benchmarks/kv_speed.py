@@ -1,20 +1,22 @@
 """KV-cache compression: stored bytes, compression time and decode speed per method.
 
 For each context length (tokens of real text, the Paul Graham essays), each
-method and each ratio, one fresh process prefills the context with the
-embedded model, compresses its cache, and decodes a fixed number of tokens
-(question-agnostic: the question comes after compression). Reported per run:
+method and each ratio, the embedded model prefills the context, compresses
+its cache and decodes (question-agnostic: the question comes after
+compression). Reported:
 
 * stored bytes / dense bytes right after compression (target: <= ratio);
 * compression seconds / prefill seconds (target: <= 0.3);
-* decode tokens/s, and its ratio to ``full`` at the same length (target: >= 0.9);
-* peak resident memory of the process during the run.
+* decode tokens/s, and its ratio to ``full`` (target: >= 0.9);
+* peak resident memory of a process doing one such run.
 
-Decode speed on a shared CPU is noisy; each configuration runs ``--repeats``
-times and the median is reported.
+Bytes, times and memory come from one fresh process per run. Decode speed on
+a shared CPU drifts over minutes, so it is measured separately: one process
+per length and ratio prefills every method's cache, then decodes in rounds
+that alternate between the methods, and reports medians over the rounds.
 
 Usage: python benchmarks/kv_speed.py [--sizes 1024,2048,4096] [--ratios 0.5,0.2,0.1]
-       [--methods ...] [--repeats 2] [--new-tokens 32] [--data-dir DIR] [--out FILE]
+       [--methods ...] [--rounds 6] [--data-dir DIR] [--out FILE]
 """
 
 from __future__ import annotations
@@ -23,27 +25,62 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import data_dir, essays_text, markdown_table, run_child  # noqa: E402
+from common import data_dir, essays_text, markdown_table, run_child
 
 METHODS = ["streaming", "h2o", "snapkv", "pyramidkv", "spindlekv"]
 QUESTION = "What is the main argument of the text above?"
+STEPS = 4  # decoding steps per method per round
 
 
-def child(method: str, ratio: float, tokens: int, new_tokens: int, data: Path) -> dict:
+def _context(lm, data: Path, tokens: int) -> str:
+    ids = lm.tokenizer(essays_text(data), add_special_tokens=False).input_ids
+    return lm.tokenizer.decode(ids[:tokens])
+
+
+def run_one(method: str, ratio: float, tokens: int, data: Path) -> dict:
+    """Prefill, compress and answer briefly in this (fresh) process."""
     from ctxpress import load_model
     from ctxpress.kv.generation import answer_questions
 
     lm = load_model("smollm2-135m", device="cpu")
-    ids = lm.tokenizer(essays_text(data), add_special_tokens=False).input_ids
-    context = lm.tokenizer.decode(ids[:tokens])
-    answer_questions(lm, context[:200], [QUESTION], "full", max_new_tokens=2)  # warm-up
+    answer_questions(lm, "A short warm-up text.", [QUESTION], "full", max_new_tokens=2)
     options = {} if method == "full" else {"ratio": ratio}
-    result = answer_questions(lm, context, [QUESTION], method, max_new_tokens=new_tokens,
-                              min_new_tokens=new_tokens, **options)[0]
+    result = answer_questions(lm, _context(lm, data, tokens), [QUESTION], method, max_new_tokens=8, **options)[0]
     return result.to_dict()
+
+
+def decode_rounds(methods: list[str], ratio: float, tokens: int, rounds: int, data: Path) -> dict:
+    """Seconds per decoding step of each method, alternating methods round by round."""
+    import torch
+
+    from ctxpress import load_model
+    from ctxpress.kv import build_press
+    from ctxpress.kv.generation import CompressedContext, prompt_ids
+
+    lm = load_model("smollm2-135m", device="cpu")
+    context_ids, question_ids = prompt_ids(lm.tokenizer, _context(lm, data, tokens), QUESTION)
+    state = {}
+    for method in ["full", *methods]:
+        press = build_press(method, **({} if method == "full" else {"ratio": ratio}))
+        ctx = CompressedContext(lm, context_ids, press)
+        cache = ctx.cache.copy()
+        with torch.no_grad():
+            logits = lm.model(question_ids, past_key_values=cache).logits[:, -1:]
+        state[method] = [cache, logits.argmax(-1)]
+    steps: dict[str, list[float]] = {m: [] for m in state}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for method, (cache, token) in state.items():
+                start = time.perf_counter()
+                for _ in range(STEPS):
+                    token = lm.model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+                steps[method].append((time.perf_counter() - start) / STEPS)
+                state[method][1] = token
+    return {m: 1 / statistics.median(s) for m, s in steps.items()}
 
 
 def main() -> None:
@@ -51,53 +88,55 @@ def main() -> None:
     parser.add_argument("--sizes", default="1024,2048,4096")
     parser.add_argument("--ratios", default="0.5,0.2,0.1")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--data-dir")
     parser.add_argument("--out", help="also write the raw numbers as JSON here")
     parser.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        method, ratio, tokens, new, data = args.child
-        print(json.dumps(child(method, float(ratio), int(tokens), int(new), Path(data))))
+        kind, *rest = args.child
+        if kind == "run":
+            method, ratio, tokens, data = rest
+            print(json.dumps(run_one(method, float(ratio), int(tokens), Path(data))))
+        else:
+            ratio, tokens, rounds, data, *methods = rest
+            print(json.dumps(decode_rounds(methods, float(ratio), int(tokens), int(rounds), Path(data))))
         return
 
     data = data_dir(args.data_dir)
     script = Path(__file__).resolve()
-    runs: list[dict] = []
-    rows = []
-    configs = [("full", 1.0)] + [(m, float(r)) for r in args.ratios.split(",") for m in args.methods.split(",")]
+    methods = args.methods.split(",")
+    ratios = [float(r) for r in args.ratios.split(",")]
+    raw, rows = [], []
     for size in [int(s) for s in args.sizes.split(",")]:
-        results: dict[tuple[str, float], list[dict]] = {c: [] for c in configs}
-        for _ in range(args.repeats):  # repeats interleave the configurations, spreading machine noise
-            for method, ratio in configs:
-                out = run_child(script, [method, str(ratio), str(size), str(args.new_tokens), str(data)])
-                if "error" in out:
-                    print(f"{size} {method} {ratio}: {out['error']}", file=sys.stderr)
-                    continue
-                results[(method, ratio)].append(out)
-                runs.append({"tokens": size, "method": method, "ratio": ratio, **out})
-        full_speed = statistics.median(r["decode_tokens_per_second"] for r in results[("full", 1.0)])
-        for (method, ratio), outs in results.items():
-            if not outs:
+        full = run_child(script, ["run", "full", "1", str(size), str(data)])
+        for ratio in ratios:
+            speeds = run_child(script, ["decode", str(ratio), str(size), str(args.rounds), str(data), *methods])
+            if "error" in speeds:
+                print(f"{size} decode at {ratio}: {speeds['error']}", file=sys.stderr)
                 continue
-            med = {k: statistics.median(o[k] for o in outs) for k in
-                   ("cache_bytes", "full_cache_bytes", "prefill_seconds", "compress_seconds",
-                    "decode_tokens_per_second", "peak_memory_bytes")}
-            rows.append([
-                outs[0]["prompt_tokens"], method, "-" if method == "full" else ratio,
-                f"{med['cache_bytes'] / med['full_cache_bytes']:.3f}",
-                f"{med['prefill_seconds']:.2f}", f"{med['compress_seconds']:.2f}",
-                f"{med['compress_seconds'] / med['prefill_seconds']:.2f}",
-                f"{med['decode_tokens_per_second']:.1f}", f"{med['decode_tokens_per_second'] / full_speed:.2f}",
-                f"{med['peak_memory_bytes'] / 2**30:.2f}",
-            ])
+            for method in ["full", *methods] if ratio == ratios[0] else methods:
+                run = full if method == "full" else run_child(script, ["run", method, str(ratio), str(size),
+                                                                      str(data)])
+                if "error" in run:
+                    print(f"{size} {method} {ratio}: {run['error']}", file=sys.stderr)
+                    continue
+                raw.append({"tokens": size, "method": method, "ratio": ratio, "run": run,
+                            "decode_tokens_per_second": speeds[method], "full_decode": speeds["full"]})
+                rows.append([
+                    size, method, "-" if method == "full" else ratio,
+                    f"{run['cache_bytes'] / run['full_cache_bytes']:.3f}",
+                    f"{run['prefill_seconds']:.2f}", f"{run['compress_seconds']:.2f}",
+                    f"{run['compress_seconds'] / run['prefill_seconds']:.2f}",
+                    f"{speeds[method]:.1f}", f"{speeds[method] / speeds['full']:.2f}",
+                    f"{run['peak_memory_bytes'] / 2**30:.2f}",
+                ])
         print(f"{size} tokens done", file=sys.stderr, flush=True)
-    header = ["prompt tokens", "method", "ratio", "stored / dense", "prefill s", "compress s",
+    header = ["context tokens", "method", "ratio", "stored / dense", "prefill s", "compress s",
               "compress / prefill", "decode tok/s", "decode vs full", "peak GiB"]
     print(markdown_table(header, rows))
     if args.out:
-        Path(args.out).write_text(json.dumps(runs, indent=1))
+        Path(args.out).write_text(json.dumps(raw, indent=1))
 
 
 if __name__ == "__main__":

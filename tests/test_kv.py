@@ -232,7 +232,7 @@ def test_decode_growth_is_bounded(tiny_lm, prompt):
         # a new token costs at most its dense size plus, per layer and KV head, the
         # codebook's index and magnitude for K and V, its position and its row ids
         layers, kv_heads = len(cache.layers), cache.layers[0].kv_heads
-        meta = 2 * (2 + 4) + 4 + 2 * 2  # K and V: index and magnitude; position; row id in each head's list
+        meta = 2 * (4 + 4) + 4 + 2 * 4  # K and V: index and magnitude; position; row id in each head's list
         per_token = dense_prompt / (N - 1) + layers * kv_heads * meta
         assert cache.get_seq_length() == N + new - 1  # the last token is never fed back
         assert cache.nbytes() <= after_prefill + (new + 1) * per_token
@@ -367,3 +367,24 @@ def test_positions_survive_eviction(tiny_lm, prompt):
     with torch.no_grad():
         short = torch.cat([prompt[:, kept], question], dim=1)
         assert not torch.allclose(model(short).logits[:, keep:], want, atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_other_llama_family_decoders(arch):
+    """Mistral (sliding-window config) and Qwen2 (attention biases) work unchanged."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config_cls, model_cls = {"mistral": (MistralConfig, MistralForCausalLM),
+                             "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
+    torch.manual_seed(0)
+    config = config_cls(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model = model_cls(config).eval()
+    ids = torch.randint(1, 300, (1, 120))
+    plain = greedy(model, ids)
+    assert torch.equal(greedy(model, ids, past_key_values=KVPress().cache(model)), plain)
+    for press in (SnapKV(ratio=0.3), SpindleKV(ratio=0.3)):
+        cache = compressed(model, press, ids[:, :-1])
+        assert cache.nbytes() <= 0.3 * cache.dense_nbytes()
+        out = greedy(model, ids, past_key_values=cache, min_new_tokens=12)
+        assert out.shape == (1, 132)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from . import __version__
 from .errors import CtxpressError, InputError
@@ -45,34 +45,24 @@ def read_text(path: str | None) -> str:
     return text.removeprefix("\ufeff")
 
 
-def _rate(value: str) -> float:
-    try:
-        rate = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if not 0 < rate <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return rate
+def _number(cast: type, valid: Callable[[float], bool], rule: str) -> Callable[[str], float]:
+    """An argparse type: ``cast`` the text and check it, with a one-line message."""
+
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if cast is int else 'a number'}: {text!r}") from None
+        if not valid(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    return parse
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return number
-
-
-def _unit_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if not 0 <= number <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
-    return number
+_rate = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
+_unit_float = _number(float, lambda v: 0 <= v <= 1, "in [0, 1]")
+_positive_int = _number(int, lambda v: v >= 1, "a positive integer")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -152,6 +142,57 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(g)
     g.add_argument("--json", action="store_true", help="print one JSON object per question")
     g.set_defaults(handler=cmd_generate)
+
+    from .bench.profiles import PROFILES
+    from .bench.tasks import TASKS
+
+    b = sub.add_parser(
+        "bench", help="evaluate prompt and KV methods on real tasks",
+        description="Run every method of a profile on the evaluation tasks with the target model; write "
+                    "per-example JSON lines, a summary (JSON and markdown) and plots to --out. Interrupted "
+                    "runs resume where they stopped.")
+    b.add_argument("--profile", default="quick", choices=PROFILES, help="grid and task sizes (default: quick)")
+    b.add_argument("--tasks", default=",".join(TASKS), metavar="LIST",
+                   help=f"comma-separated subset of {', '.join(TASKS)}")
+    b.add_argument("--examples", type=_positive_int, metavar="N", help="at most N examples per task")
+    b.add_argument("--out", metavar="DIR", help="output directory (default: bench-out/PROFILE)")
+    b.add_argument("--data-dir", metavar="DIR", help="evaluation data (default: $CTXPRESS_DATA or ../shared/data)")
+    b.add_argument("--seed", type=int, default=0, help="example construction seed (default 0)")
+    b.add_argument("--fresh", action="store_true", help="discard earlier results in --out instead of resuming")
+    b.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
+    b.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="never show the progress bar")
+    _add_model_options(b)
+    b.set_defaults(handler=cmd_bench)
+
+    v = sub.add_parser("serve", help="run the HTTP service (OpenAI-compatible chat, compression)",
+                       description="Serve /v1/compress, /v1/chat/completions and /healthz; docs at /docs.")
+    v.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    v.add_argument("--port", type=_positive_int, default=8000, help="default 8000")
+    v.add_argument("--max-request-bytes", type=_positive_int, default=4 * 1024 * 1024, metavar="N",
+                   help="largest request body accepted (default 4 MiB)")
+    v.add_argument("--max-new-tokens", type=_positive_int, default=1024, metavar="N",
+                   help="largest max_tokens a chat request may ask for (default 1024)")
+    _add_model_options(v)
+    v.set_defaults(handler=cmd_serve)
+
+    t = sub.add_parser("batch", help="compress a field of every line of a JSONL file",
+                       description="Read IN.jsonl, compress FIELD of each line, write one result line per input "
+                                   "line to OUT.jsonl. Re-running resumes after the lines already written.")
+    t.add_argument("source", metavar="IN.jsonl")
+    t.add_argument("target", metavar="OUT.jsonl")
+    t.add_argument("--field", required=True, help="the text field (dotted path for nested objects)")
+    batch_budget = t.add_mutually_exclusive_group(required=True)
+    batch_budget.add_argument("--rate", type=_rate, help="fraction of tokens to keep, in (0, 1]")
+    batch_budget.add_argument("--target-tokens", type=_positive_int, metavar="N", help="tokens to keep")
+    t.add_argument("--method", default="dac", choices=list(METHODS), metavar="METHOD", help="default dac")
+    t.add_argument("--workers", type=_positive_int, default=1, help="processes (or Ray actors); default 1")
+    t.add_argument("--engine", choices=["local", "ray"], default="local", help="default local")
+    t.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to join (default: start a local Ray)")
+    t.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="never show the progress bar")
+    _add_model_options(t)
+    t.set_defaults(handler=cmd_batch)
     return parser
 
 
@@ -224,6 +265,58 @@ def cmd_compress(args: argparse.Namespace) -> int:
         if args.stats:
             print(f"ctxpress: {args.method}: kept {result.compressed_tokens} of {result.origin_tokens} context "
                   f"tokens ({100 * result.rate:.1f}%) in {result.seconds:.1f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .bench import report
+    from .bench.data import find_data_dir
+    from .bench.profiles import profile
+    from .bench.runner import RESULTS, Runner
+    from .bench.tasks import TASKS
+    from .jsonl import read_records
+    from .models import load_model
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise InputError(f"unknown task {', '.join(unknown) or '(none)'} (choose from: {', '.join(TASKS)})")
+    chosen = profile(args.profile)
+    data = find_data_dir(args.data_dir, tasks)
+    out = Path(args.out or Path("bench-out") / args.profile)
+    if args.fresh and (out / RESULTS).exists():
+        (out / RESULTS).unlink()
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    path = Runner(lm, chosen, data, out, seed=args.seed, tasks=tasks, examples=args.examples,
+                  progress=args.progress).run()
+    summary = report.write(read_records(path), out, plots=args.plots)
+    sys.stdout.write(report.markdown(summary) + "\n")
+    print(f"ctxpress: results in {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .models import load_model
+
+    try:
+        from .server import serve
+    except ImportError as exc:
+        raise CtxpressError(f"ctxpress serve needs {exc.name}: pip install 'ctxpress[serve]'") from None
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    serve(lm, args.host, args.port, max_request_bytes=args.max_request_bytes, max_new_tokens=args.max_new_tokens)
+    return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from .batch import BatchJob, run
+
+    job = BatchJob(args.source, args.target, args.field, rate=args.rate, target_tokens=args.target_tokens,
+                   method=args.method, model=args.model, device=args.device, dtype=args.dtype,
+                   workers=args.workers, engine=args.engine, ray_address=args.ray_address)
+    written = run(job, progress=args.progress)
+    print(f"ctxpress: {written} lines written to {args.target}", file=sys.stderr)
     return 0
 
 

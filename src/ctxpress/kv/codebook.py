@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-TILE = 2048  # rows of the similarity matrix computed at once
+TILE = 512  # rows of the similarity matrix computed at once (a tile stays in cache)
 
 
 @dataclass

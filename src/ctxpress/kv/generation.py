@@ -45,16 +45,21 @@ class GenerationResult:
 
 
 class _Clock(BaseStreamer):
-    """Timestamps of the tokens ``generate`` emits (the first call is the prompt)."""
+    """Timestamps of the tokens ``generate`` emits (the first call is the prompt),
+    passed on to another streamer if one is given."""
 
-    def __init__(self) -> None:
+    def __init__(self, then: BaseStreamer | None = None) -> None:
         self.times: list[float] = []
+        self.then = then
 
     def put(self, value) -> None:
         self.times.append(time.perf_counter())
+        if self.then is not None:
+            self.then.put(value)
 
     def end(self) -> None:
-        pass
+        if self.then is not None:
+            self.then.end()
 
     def tokens_per_second(self) -> float:
         generated = self.times[1:]
@@ -82,6 +87,56 @@ def prompt_ids(tokenizer, context: str, question: str) -> tuple[torch.Tensor, to
         first = tokenizer(context, return_tensors="pt").input_ids
     second = tokenizer(tail, add_special_tokens=False, return_tensors="pt").input_ids
     return first, second
+
+
+class CompressedContext:
+    """A prompt prefix prefilled once into a cache compressed by ``press``.
+
+    Each continuation is generated (or scored) from a copy of that cache, so
+    one compression serves any number of questions.
+    """
+
+    def __init__(self, lm: LoadedModel, prefix_ids: torch.Tensor, press: KVPress) -> None:
+        self.lm, self.press = lm, press
+        self.prefix_ids = prefix_ids.to(lm.device)
+        self.cache = press.cache(lm.model)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = lm.model(input_ids=self.prefix_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        if self.prefix_ids.device.type == "cuda":
+            torch.cuda.synchronize(self.prefix_ids.device)
+        self.last_logits = out.logits[0, -1].float()  # predicts the first token after the prefix
+        self.compress_seconds = self.cache.compress_seconds
+        self.prefill_seconds = time.perf_counter() - start - self.compress_seconds
+        self.cache_bytes = self.cache.nbytes()
+        self.full_cache_bytes = self.cache.dense_nbytes()
+
+    def generate(self, suffix_ids: torch.Tensor, max_new_tokens: int, min_new_tokens: int = 0, *,
+                 streamer: BaseStreamer | None = None, temperature: float | None = None,
+                 top_p: float | None = None, stopping=None) -> tuple[torch.Tensor, float]:
+        """Continuation of prefix + suffix: (new token ids, decoding tokens per second).
+
+        Greedy unless ``temperature`` > 0; ``streamer`` also receives the tokens;
+        ``stopping`` is a transformers ``StoppingCriteriaList``.
+        """
+        tok = self.lm.tokenizer
+        full = torch.cat([self.prefix_ids, suffix_ids.to(self.lm.device)], dim=1)
+        clock = _Clock(streamer)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature else {
+            "do_sample": False, "temperature": None, "top_p": None}
+        with torch.no_grad():
+            out = self.lm.model.generate(
+                full, past_key_values=self.cache.copy(), max_new_tokens=max_new_tokens,
+                min_new_tokens=min(min_new_tokens, max_new_tokens), top_k=None, streamer=clock,
+                stopping_criteria=stopping, **sampling,
+                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        return out[0, full.shape[1]:], clock.tokens_per_second()
+
+    def next_token_logits(self, suffix_ids: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: (len(suffix), vocab) float32 logits, row i predicting ``suffix[i]``."""
+        with torch.no_grad():
+            out = self.lm.model(input_ids=suffix_ids.to(self.lm.device), past_key_values=self.cache.copy())
+        return torch.cat([self.last_logits[None], out.logits[0, :-1].float()])
 
 
 def answer_questions(
@@ -112,61 +167,36 @@ def answer_questions(
         raise InputError("a question-aware cache serves one question; compress once per question")
     if max_new_tokens < 1:
         raise InputError("max_new_tokens must be at least 1")
-    model, tok = lm.model, lm.tokenizer
-    device = lm.device
+    tok = lm.tokenizer
     context_ids, _ = prompt_ids(tok, context, questions[0])
-    limit = lm.max_positions
     results = []
-    with lm.lock, torch.no_grad(), PeakMemory(device) as peak:
-        cache = press.cache(model)
-        shared = None
-        if not question_aware:
-            shared = _prefill(model, cache, context_ids.to(device))
+    with lm.lock, PeakMemory(lm.device) as peak:
+        shared = None if question_aware else CompressedContext(lm, context_ids, press)
         for question in questions:
             _, question_ids = prompt_ids(tok, context, question)
-            full = torch.cat([context_ids, question_ids], dim=1).to(device)
-            if full.shape[1] + max_new_tokens > limit:
-                raise InputError(f"context, question and answer need {full.shape[1] + max_new_tokens} tokens; "
-                                 f"the model handles {limit}")
-            if question_aware:
-                shared = _prefill(model, cache, full[:, :-1])
-                use = cache
+            total = context_ids.shape[1] + question_ids.shape[1]
+            if total + max_new_tokens > lm.max_positions:
+                raise InputError(f"context, question and answer need {total + max_new_tokens} tokens; "
+                                 f"the model handles {lm.max_positions}")
+            if question_aware:  # the question's last token is left out of the prefill for generate to feed
+                full = torch.cat([context_ids, question_ids], dim=1)
+                ctx, suffix = CompressedContext(lm, full[:, :-1], press), full[:, -1:]
             else:
-                use = cache.copy()
-            clock = _Clock()
-            out = model.generate(full, past_key_values=use, max_new_tokens=max_new_tokens,
-                                 min_new_tokens=min(min_new_tokens, max_new_tokens), do_sample=False,
-                                 top_p=None, top_k=None, temperature=None, streamer=clock,
-                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-            new = out[0, full.shape[1]:]
+                ctx, suffix = shared, question_ids
+            new, speed = ctx.generate(suffix, max_new_tokens, min_new_tokens)
             results.append(GenerationResult(
                 answer=tok.decode(new, skip_special_tokens=True).strip(),
                 method=press.name,
-                cache_bytes=shared["cache_bytes"],
-                full_cache_bytes=shared["full_cache_bytes"],
-                prefill_seconds=shared["prefill_seconds"],
-                compress_seconds=shared["compress_seconds"],
-                decode_tokens_per_second=clock.tokens_per_second(),
+                cache_bytes=ctx.cache_bytes,
+                full_cache_bytes=ctx.full_cache_bytes,
+                prefill_seconds=ctx.prefill_seconds,
+                compress_seconds=ctx.compress_seconds,
+                decode_tokens_per_second=speed,
                 peak_memory_bytes=0,
-                prompt_tokens=int(full.shape[1]),
+                prompt_tokens=total,
                 generated_tokens=int(new.shape[0]),
                 settings={**press.settings(), "question_aware": question_aware},
             ))
     for result in results:
         result.peak_memory_bytes = peak.bytes
     return results
-
-
-def _prefill(model, cache, ids: torch.Tensor) -> dict:
-    """Run the prefill that compresses ``cache``; report its cost and the cache size."""
-    start = time.perf_counter()
-    model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    if ids.device.type == "cuda":
-        torch.cuda.synchronize(ids.device)
-    elapsed = time.perf_counter() - start
-    return {
-        "prefill_seconds": elapsed - cache.compress_seconds,
-        "compress_seconds": cache.compress_seconds,
-        "cache_bytes": cache.nbytes(),
-        "full_cache_bytes": cache.dense_nbytes(),
-    }

@@ -72,7 +72,8 @@ def phases(rotary: torch.nn.Module, positions: torch.Tensor, like: torch.Tensor,
     """Complex rotation factors (n, d/2) of 1-D ``positions`` (``upto`` bounds them, saving a sync)."""
     if upto is None:
         upto = int(positions.max()) + 1 if positions.numel() else 1
-    return _table(rotary, upto, like).index_select(0, positions.to(like.device).long())
+    index = positions if positions.dtype in (torch.int32, torch.int64) else positions.long()
+    return _table(rotary, upto, like).index_select(0, index.to(like.device))
 
 
 def rotate(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:

@@ -30,8 +30,12 @@ def _nbytes(*tensors: torch.Tensor | None) -> int:
 
 
 def index_dtype(n: int) -> torch.dtype:
-    """Smallest signed integer type that indexes ``n`` items."""
-    return torch.int16 if n <= 32767 else torch.int32
+    """Integer type of stored indices: int32, which ``index_select`` takes as it is.
+
+    int16 would save two bytes per index but cost a conversion of every index
+    tensor at every decoding step, which on a CPU outweighs the bytes.
+    """
+    return torch.int32 if n < 2**31 else torch.int64
 
 
 def dtype_size(dtype: torch.dtype) -> int:
@@ -125,7 +129,7 @@ class CodedRows:
         The rotation and the magnitude are one complex factor per row pair,
         applied in a single multiplication after the codebook lookup.
         """
-        index = self.index.long()
+        index = self.index
         if factors is None:
             return self.entries.index_select(0, index) * self.magnitude[:, None]
         entries = self.entries if self.entries.dtype in (torch.float32, torch.float64) else self.entries.float()
@@ -212,7 +216,7 @@ class HeadwiseStore:
         if len(self.tail_keys):
             k, v = torch.cat([k, self.tail_keys]), torch.cat([v, self.tail_values])
         selectors, tokens = self.select.shape
-        rows = self.select.reshape(-1).long()
+        rows = self.select.reshape(-1)
         return (k.index_select(0, rows).view(1, selectors, tokens, -1),
                 v.index_select(0, rows).view(1, selectors, tokens, -1))
 

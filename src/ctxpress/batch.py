@@ -1,0 +1,176 @@
+"""``ctxpress batch``: compress one field of every line of a JSONL corpus.
+
+Output has one line per input line, in order: the input's line number (and
+``id`` if it has one) with the compression result, or with ``error`` when
+that line could not be compressed (invalid JSON, missing field, empty text,
+budget too large...). A run appends to its output and, started again, skips
+the lines already written, so an interrupted job resumes. Lines are
+processed by ``--workers`` local processes or, with ``--engine ray``, by Ray
+Data actors (a local Ray by default, ``--ray-address`` for a cluster); both
+give the same output. Wall-clock ``seconds`` are left out of the lines, so
+the output depends only on the input and the settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+
+from .errors import CtxpressError, InputError
+from .jsonl import complete_lines
+from .progress import progress_bar
+
+CHUNK_LINES = 2048  # lines handed to Ray at a time
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    source: str
+    target: str
+    field: str
+    rate: float | None = None
+    target_tokens: int | None = None
+    method: str = "dac"
+    options: dict = field(default_factory=dict)
+    model: str = "smollm2-135m"
+    device: str | None = None
+    dtype: str | None = None
+    workers: int = 1
+    engine: str = "local"
+    ray_address: str | None = None
+
+    @property
+    def threads(self) -> int:
+        """Torch threads per worker; fixed so every engine computes the same numbers."""
+        return max(1, (os.cpu_count() or 1) // self.workers)
+
+
+def field_value(record: object, path: str):
+    """``record["a"]["b"]`` for ``path="a.b"``; a string or a list of strings."""
+    value = record
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise InputError(f"no field '{path}'")
+        value = value[part]
+    if not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
+        raise InputError(f"field '{path}' is not text (a string or a list of strings)")
+    return value
+
+
+class LineCompressor:
+    """Turns one input line into one output line (a worker holds one of these)."""
+
+    def __init__(self, job: BatchJob) -> None:
+        import torch
+
+        from .models import load_model
+        from .prompt import PromptCompressor
+
+        torch.set_num_threads(job.threads)
+        self.job = job
+        self.compressor = PromptCompressor(load_model(job.model, device=job.device, dtype=job.dtype),
+                                           progress=False)
+
+    def __call__(self, number: int, raw: str) -> str:
+        job = self.job
+        out: dict = {"line": number}
+        try:
+            record = json.loads(raw)
+            if isinstance(record, dict) and "id" in record:
+                out["id"] = record["id"]
+            result = self.compressor.compress(field_value(record, job.field), rate=job.rate,
+                                              target_tokens=job.target_tokens, method=job.method, **job.options)
+            out.update({k: v for k, v in result.to_dict().items() if k != "seconds"})
+        except json.JSONDecodeError as exc:
+            out["error"] = f"invalid JSON: {exc.msg} (column {exc.colno})"
+        except CtxpressError as exc:
+            out["error"] = str(exc)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def _lines(source: Path, skip: int) -> Iterator[tuple[int, str]]:
+    with source.open(encoding="utf-8", errors="replace") as fh:
+        for number, line in islice(enumerate(fh), skip, None):
+            yield number, line.rstrip("\n")
+
+
+_WORKER: LineCompressor | None = None
+
+
+def _init_worker(job: BatchJob) -> None:
+    global _WORKER
+    _WORKER = LineCompressor(job)
+
+
+def _work(item: tuple[int, str]) -> str:
+    return _WORKER(*item)
+
+
+def run(job: BatchJob, progress: bool | None = None) -> int:
+    """Process the lines not yet in ``job.target``; return how many were written now."""
+    source, target = Path(job.source), Path(job.target)
+    if not source.is_file():
+        raise InputError(f"cannot read {source}: no such file")
+    if job.engine not in ("local", "ray"):
+        raise InputError(f"unknown engine '{job.engine}' (local or ray)")
+    if job.workers < 1:
+        raise InputError("workers must be at least 1")
+    with source.open("rb") as fh:
+        total = sum(1 for _ in fh)
+    done = complete_lines(target)
+    pending = _lines(source, done)
+    written = 0
+    with target.open("a", encoding="utf-8") as sink, progress_bar(total - done, progress, "batch", "line") as bar:
+        for line in _results(job, pending):
+            sink.write(line + "\n")
+            sink.flush()
+            written += 1
+            bar.update(1)
+    return written
+
+
+def _results(job: BatchJob, pending: Iterator[tuple[int, str]]) -> Iterator[str]:
+    if job.engine == "ray":
+        yield from _ray_results(job, pending)
+    elif job.workers == 1:
+        worker = LineCompressor(job)
+        for number, raw in pending:
+            yield worker(number, raw)
+    else:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(job.workers, _init_worker, (job,)) as pool:
+            yield from pool.imap(_work, pending, chunksize=1)
+
+
+def _ray_results(job: BatchJob, pending: Iterator[tuple[int, str]]) -> Iterator[str]:
+    try:
+        import ray
+    except ImportError as exc:
+        raise CtxpressError("--engine ray needs Ray: pip install 'ray[data]'") from exc
+    ray.init(address=job.ray_address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    context.enable_progress_bars = False
+    spec = asdict(job)
+
+    class RayWorker:
+        def __init__(self) -> None:
+            self.compress = LineCompressor(BatchJob(**spec))
+
+        def __call__(self, batch: dict) -> dict:
+            return {"out": [self.compress(int(n), str(raw)) for n, raw in zip(batch["line"], batch["raw"])]}
+
+    while True:
+        chunk = list(islice(pending, CHUNK_LINES))
+        if not chunk:
+            return
+        data = ray.data.from_items([{"line": n, "raw": raw} for n, raw in chunk])
+        done = data.map_batches(RayWorker, batch_size=1, concurrency=job.workers,
+                                num_cpus=job.threads, batch_format="numpy")
+        for row in done.iter_rows():
+            yield row["out"]

@@ -1,0 +1,1 @@
+"""Evaluation harness: tasks, metrics, a resumable runner and its reports."""

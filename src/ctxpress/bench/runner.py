@@ -1,0 +1,126 @@
+"""Run a profile's grid over its tasks, one JSON line per (example, configuration).
+
+For every example and prompt configuration the (possibly compressed) prompt
+is built once; every KV configuration then prefills and compresses its
+context part, answers greedily, and scores the gold answer under teacher
+forcing. Lines are appended and flushed as they are produced: an
+interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..jsonl import complete_lines, read_records
+from ..kv import build_press
+from ..kv.generation import CompressedContext, prompt_ids
+from ..memory import PeakMemory
+from ..models import LoadedModel
+from ..progress import progress_bar
+from ..prompt import PromptCompressor
+from .metrics import mean_kl, mean_nll
+from .profiles import Config, Profile
+from .tasks import TASKS, Example
+
+RESULTS = "examples.jsonl"
+
+
+def row_key(task: str, example: str, label: str) -> str:
+    return f"{task}/{example}/{label}"
+
+
+class Runner:
+    def __init__(self, lm: LoadedModel, profile: Profile, data: Path, out: Path, *, seed: int = 0,
+                 tasks: list[str] | None = None, examples: int | None = None, progress: bool | None = None) -> None:
+        self.lm, self.profile, self.data, self.out = lm, profile, data, out
+        self.seed, self.progress = seed, progress
+        self.tasks = {name: spec for name, spec in profile.tasks.items() if tasks is None or name in tasks}
+        self.limit = examples
+        self.compressor = PromptCompressor(lm, progress=False)
+
+    def examples(self) -> Iterator[tuple[object, Example]]:
+        for task, count in self.tasks.values():
+            n = count if self.limit is None else min(count, self.limit)
+            for example in task.examples(self.data, n, self.seed, self.lm.tokenizer):
+                yield task, example
+
+    def run(self) -> Path:
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / RESULTS
+        complete_lines(path)  # drop a line cut by an interruption before appending
+        done = {row["key"] for row in read_records(path)}
+        work = list(self.examples())
+        configs = self.profile.configs()
+        todo = sum(row_key(e.task, e.id, c.label) not in done for _, e in work for c in configs)
+        with path.open("a", encoding="utf-8") as sink, progress_bar(todo, self.progress, "bench", "run") as bar:
+            for task, example in work:
+                for row in self._evaluate(task, example, configs, done):
+                    sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    sink.flush()
+                    bar.update(1)
+        return path
+
+    def _evaluate(self, task, example: Example, configs: list[Config], done: set[str]) -> Iterator[dict]:
+        groups: dict[tuple, list[Config]] = {}
+        for config in configs:
+            if row_key(example.task, example.id, config.label) not in done:
+                groups.setdefault((config.prompt_method, config.prompt_rate), []).append(config)
+        tok = self.lm.tokenizer
+        answer_ids = torch.tensor([tok(example.answers[0], add_special_tokens=False)["input_ids"]])
+        for (method, rate), group in groups.items():
+            prompt = self._prompt(example, method, rate)
+            context_ids, question_ids = prompt_ids(tok, example.instruction + "\n\n" + prompt["context"],
+                                                   example.question)
+            forced = torch.cat([question_ids, answer_ids], dim=1)
+            answer_rows = slice(question_ids.shape[1], None)
+            reference = None
+            for config in group:
+                with self.lm.lock, PeakMemory(self.lm.device) as peak:
+                    press = build_press(config.kv_method, **({} if config.kv_method == "full"
+                                                             else {"ratio": config.kv_ratio}))
+                    ctx = CompressedContext(self.lm, context_ids, press)
+                    new, speed = ctx.generate(question_ids, self.profile.max_new_tokens)
+                    logits = ctx.next_token_logits(forced)[answer_rows]
+                    if config.kv_method == "full":
+                        reference = logits
+                    elif reference is None:
+                        reference = CompressedContext(self.lm, context_ids, build_press("full")).next_token_logits(
+                            forced)[answer_rows]
+                answer = tok.decode(new, skip_special_tokens=True).strip()
+                yield {
+                    "key": row_key(example.task, example.id, config.label),
+                    "task": example.task, "example": example.id, "meta": example.meta,
+                    "config": config.label, "family": config.family, **asdict(config),
+                    "answer": answer, "gold": example.answers,
+                    "score": task.score(answer, example),
+                    "nll": mean_nll(logits, answer_ids[0]),
+                    "kl": None if config.kv_method == "full" else mean_kl(reference, logits),
+                    **prompt["stats"],
+                    "prompt_tokens": int(context_ids.shape[1] + question_ids.shape[1]),
+                    "cache_bytes": ctx.cache_bytes, "full_cache_bytes": ctx.full_cache_bytes,
+                    "byte_rate": ctx.cache_bytes / ctx.full_cache_bytes,
+                    "kv_compress_seconds": ctx.compress_seconds, "prefill_seconds": ctx.prefill_seconds,
+                    "decode_tokens_per_second": speed, "peak_memory_bytes": peak.bytes,
+                }
+
+    def _prompt(self, example: Example, method: str | None, rate: float | None) -> dict:
+        """The context as the target model will read it, and what compressing it cost."""
+        if method is None:
+            n = self.compressor.count_tokens(example.context)
+            return {"context": example.context,
+                    "stats": {"context_tokens": n, "kept_tokens": n, "token_rate": 1.0, "prompt_seconds": 0.0}}
+        start = time.perf_counter()
+        result = self.compressor.compress(example.documents, rate=rate, method=method,
+                                          instruction=example.instruction, question=example.question)
+        return {"context": result.compressed_text,
+                "stats": {"context_tokens": result.origin_tokens, "kept_tokens": result.compressed_tokens,
+                          "token_rate": result.rate, "prompt_seconds": time.perf_counter() - start}}
+
+
+__all__ = ["RESULTS", "TASKS", "Runner"]

@@ -1,0 +1,314 @@
+"""``ctxpress serve``: prompt compression and an OpenAI-compatible chat endpoint over HTTP.
+
+* ``POST /v1/compress`` takes the options of ``ctxpress compress --json`` and
+  returns the same fields.
+* ``POST /v1/chat/completions`` answers with the local model, streaming or
+  not, in OpenAI's format. Two extra request fields (``extra_body`` in the
+  ``openai`` client) turn compression on: ``prompt_compression`` (messages
+  longer than ``min_tokens`` are compressed) and ``kv_compression`` (a KV
+  press for this generation). ``usage`` reports the prompt tokens before and
+  after compression.
+* ``GET /healthz``, ``GET /v1/models``; OpenAPI docs at ``/docs``.
+
+The model is loaded once; requests take turns on it (its lock), so
+concurrent clients queue instead of failing. Bodies are size-limited and
+every error is a JSON body with a 4xx (the client's fault) or 500 status.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from . import __version__
+from .errors import CtxpressError, InputError
+from .kv import build_press
+from .kv.generation import CompressedContext
+from .models import LoadedModel
+from .prompt import PromptCompressor
+
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+
+
+class CompressBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    context: str | list[str]
+    rate: float | None = None
+    target_tokens: int | None = None
+    method: str = "dac"
+    question: str = ""
+    instruction: str = ""
+    force_tokens: list[str] = Field(default_factory=list)
+    options: dict[str, Any] = Field(default_factory=dict, description="method options, e.g. {'stages': 4}")
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class PromptCompression(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rate: float | None = None
+    target_tokens: int | None = None
+    method: str = "dac"
+    min_tokens: int = Field(256, ge=1, description="only messages longer than this are compressed")
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class KVCompression(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    method: str = "spindlekv"
+    ratio: float | None = None
+    tokens: int | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ChatBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # clients send fields (user, seed, ...) a local model ignores
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2, description="0 or absent: greedy decoding")
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    prompt_compression: PromptCompression | None = None
+    kv_compression: KVCompression | None = None
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
+
+
+class BodyLimit:
+    """Reject request bodies over ``limit`` bytes with 413, whether declared or streamed.
+
+    The body is read (up to the limit) before the application sees it, then
+    handed over in one piece; later receives (disconnects) pass through.
+    """
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = _error(413, f"request body over {self.limit} bytes", "request_too_large")
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared and declared.isdigit() and int(declared) > self.limit:
+            return await too_large(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await too_large(scope, receive, send)
+            more = message.get("more_body", False)
+        delivered = False
+
+        async def replay():
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+class _Cancelled(StoppingCriteria):
+    """Stops generation when the client of a stream has gone away."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def create_app(lm: LoadedModel, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+               max_new_tokens: int = 1024) -> FastAPI:
+    """The HTTP application around one loaded model."""
+    app = FastAPI(title="ctxpress", version=__version__,
+                  description="Prompt compression (DAC) and KV-cache compression (SpindleKV) for LLM inference.")
+    app.add_middleware(BodyLimit, limit=max_request_bytes)
+    compressor = PromptCompressor(lm, progress=False)
+    tokenizer = lm.tokenizer
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return _error(400, f"{where + ': ' if where else ''}{first.get('msg', 'invalid request')}")
+
+    @app.exception_handler(CtxpressError)
+    async def user_error(request: Request, exc: CtxpressError) -> JSONResponse:
+        return _error(400, str(exc))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), "not_found" if exc.status_code == 404 else "http_error")
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, exc: Exception) -> JSONResponse:
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok", "model": lm.name}
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        return {"object": "list", "data": [{"id": lm.name, "object": "model", "owned_by": "ctxpress"}]}
+
+    @app.post("/v1/compress")
+    def compress(body: CompressBody) -> dict:
+        budget = {"rate": body.rate, "target_tokens": body.target_tokens}
+        result = compressor.compress(body.context, method=body.method, question=body.question,
+                                     instruction=body.instruction, force_tokens=body.force_tokens,
+                                     **budget, **body.options)
+        return result.to_dict()
+
+    def prepare(body: ChatBody) -> dict:
+        """Compress long messages, tokenize the chat, pick the press and the token limit."""
+        messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages]
+        before = _chat_ids(tokenizer, messages)
+        pc = body.prompt_compression
+        if pc is not None:
+            for message in messages:
+                if message["role"] != "assistant" and compressor.count_tokens(message["content"]) > pc.min_tokens:
+                    result = compressor.compress(message["content"], rate=pc.rate, target_tokens=pc.target_tokens,
+                                                 method=pc.method, **pc.options)
+                    message["content"] = result.compressed_text
+        ids = _chat_ids(tokenizer, messages) if pc is not None else before
+        kv = body.kv_compression
+        if kv is None:
+            press = build_press("full")
+        else:
+            budget = {} if kv.method == "full" else {"ratio": kv.ratio, "tokens": kv.tokens}
+            if kv.method != "full" and kv.ratio is None and kv.tokens is None:
+                budget = {"ratio": 0.2}
+            press = build_press(kv.method, **{k: v for k, v in budget.items() if v is not None}, **kv.options)
+        limit = body.max_completion_tokens or body.max_tokens or min(256, max_new_tokens)
+        if limit > max_new_tokens:
+            raise InputError(f"max_tokens {limit} is over this server's limit of {max_new_tokens}")
+        if ids.shape[1] + limit > lm.max_positions:
+            raise InputError(f"prompt ({ids.shape[1]} tokens) plus max_tokens ({limit}) exceed the model's "
+                             f"{lm.max_positions}-token window")
+        return {"ids": ids, "before": before.shape[1], "press": press, "limit": limit}
+
+    def usage(plan: dict, ctx: CompressedContext, completion: int) -> dict:
+        prompt = int(plan["ids"].shape[1])
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_before_compression": int(plan["before"]),
+                "kv_cache_bytes": ctx.cache_bytes, "kv_full_cache_bytes": ctx.full_cache_bytes}
+
+    @app.post("/v1/chat/completions")
+    def chat(body: ChatBody):
+        plan = prepare(body)
+        created, ident = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
+        name = body.model or lm.name
+        if body.stream:
+            return StreamingResponse(stream(body, plan, ident, created, name), media_type="text/event-stream")
+        with lm.lock:
+            ctx = CompressedContext(lm, plan["ids"][:, :-1], plan["press"])
+            new, _ = ctx.generate(plan["ids"][:, -1:], plan["limit"], temperature=body.temperature, top_p=body.top_p)
+        return {
+            "id": ident, "object": "chat.completion", "created": created, "model": name,
+            "choices": [{"index": 0, "message": {"role": "assistant",
+                                                 "content": tokenizer.decode(new, skip_special_tokens=True)},
+                         "finish_reason": _finish(tokenizer, new, plan["limit"])}],
+            "usage": usage(plan, ctx, len(new)),
+        }
+
+    def stream(body: ChatBody, plan: dict, ident: str, created: int, name: str) -> Iterator[str]:
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        cancelled = threading.Event()
+        outcome: dict = {}
+
+        def work() -> None:
+            try:
+                with lm.lock:
+                    ctx = CompressedContext(lm, plan["ids"][:, :-1], plan["press"])
+                    outcome["ctx"] = ctx
+                    outcome["new"], _ = ctx.generate(plan["ids"][:, -1:], plan["limit"], streamer=streamer,
+                                                     temperature=body.temperature, top_p=body.top_p,
+                                                     stopping=StoppingCriteriaList([_Cancelled(cancelled)]))
+            except Exception as exc:  # reported to the client as a final error event
+                outcome["error"] = exc
+                streamer.end()
+
+        def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+            payload = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": name,
+                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            for text in streamer:
+                if text:
+                    yield chunk({"content": text})
+            worker.join()
+            if "error" in outcome:
+                yield f"data: {json.dumps({'error': {'message': str(outcome['error']), 'type': 'server_error'}})}\n\n"
+            else:
+                new = outcome["new"]
+                yield chunk({}, _finish(tokenizer, new, plan["limit"]))
+                if (body.stream_options or {}).get("include_usage"):
+                    payload = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": name,
+                               "choices": [], "usage": usage(plan, outcome["ctx"], len(new))}
+                    yield f"data: {json.dumps(payload)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            cancelled.set()  # a client that left stops the generation at the next token
+
+    return app
+
+
+def _chat_ids(tokenizer, messages: list[dict]) -> torch.Tensor:
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)["input_ids"]
+        return ids
+    text = "\n\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\n\nassistant:"
+    return tokenizer(text, return_tensors="pt").input_ids
+
+
+def _finish(tokenizer, new: torch.Tensor, limit: int) -> str:
+    ended = len(new) > 0 and int(new[-1]) == tokenizer.eos_token_id
+    return "length" if len(new) >= limit and not ended else "stop"
+
+
+def serve(lm: LoadedModel, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
+    """Run the service until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(lm, **options), host=host, port=port, log_level="info")

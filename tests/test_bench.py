@@ -1,0 +1,159 @@
+"""The evaluation harness on a tiny model and a small synthetic copy of the data formats."""
+
+import gzip
+import json
+import uuid
+
+import pytest
+import torch
+
+from ctxpress.bench import report
+from ctxpress.bench.data import find_data_dir
+from ctxpress.bench.metrics import best_subspan_em, contains_exactly, mean_kl, mean_nll, normalize_answer
+from ctxpress.bench.profiles import Config, Profile, profile
+from ctxpress.bench.runner import RESULTS, Runner
+from ctxpress.bench.tasks import NQ, KVRetrieval, NeedleInHaystack
+from ctxpress.cli import main
+from ctxpress.errors import InputError
+from ctxpress.jsonl import read_records
+
+WORDS = [
+    "river", "stone", "light", "garden", "paper", "window", "silver", "morning", "quiet",
+    "number", "letter", "music", "harbor", "forest", "engine", "market", "winter", "travel",
+]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Files in the formats of ../shared/data, written here (small and deterministic)."""
+    root = tmp_path_factory.mktemp("data")
+    nq = []
+    for i in range(12):
+        answer = f"Person{i}"
+        text = f"{' '.join(WORDS[(i + k) % len(WORDS)] for k in range(30))}. The answer to item {i} is {answer}."
+        nq.append({"question": f"who is item {i}", "answers": [answer],
+                   "ctxs": [{"title": f"Title {i}", "text": text, "hasanswer": True, "isgold": True}]})
+    with gzip.open(root / "nq-open-oracle.dev.jsonl.gz", "wt") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in nq)
+    kv = []
+    for i in range(5):
+        records = [[str(uuid.UUID(int=1000 * i + k)), str(uuid.UUID(int=99999 + 1000 * i + k))] for k in range(20)]
+        kv.append({"ordered_kv_records": records, "key": records[7][0], "value": records[7][1]})
+    with gzip.open(root / "kv-retrieval-75_keys.dev.jsonl.gz", "wt") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in kv)
+    (root / "pg-essays").mkdir()
+    for i in range(3):
+        sentences = [" ".join(WORDS[(i + j + k) % len(WORDS)] for k in range(12)).capitalize() + "." for j in range(60)]
+        (root / "pg-essays" / f"essay{i}.txt").write_text(" ".join(sentences))
+    return root
+
+
+def test_metrics():
+    assert normalize_answer("The  Eiffel-Tower!") == "eiffeltower"
+    assert best_subspan_em("It was the Eiffel Tower, in Paris.", ["eiffel tower"]) == 1.0
+    assert best_subspan_em("It was Paris.", ["Eiffel Tower"]) == 0.0
+    assert contains_exactly("value: ab-12", ["ab-12"]) == 1.0 and contains_exactly("AB-12", ["ab-12"]) == 0.0
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    targets = torch.tensor([0, 2])
+    expected = -(torch.log_softmax(logits, -1)[0, 0] + torch.log_softmax(logits, -1)[1, 2]) / 2
+    assert mean_nll(logits, targets) == pytest.approx(float(expected))
+    assert mean_kl(logits, logits) == pytest.approx(0.0, abs=1e-7)
+    assert mean_kl(logits, logits.flip(0)) > 0
+
+
+def test_nq_examples(data_dir):
+    examples = NQ(documents=4, gold_positions=(0, 3)).examples(data_dir, 4, seed=0)
+    again = NQ(documents=4, gold_positions=(0, 3)).examples(data_dir, 4, seed=0)
+    assert [e.documents for e in examples] == [e.documents for e in again]  # deterministic
+    for i, example in enumerate(examples):
+        position = (0, 3)[i % 2]
+        assert len(example.documents) == 4
+        assert example.documents[position].startswith(f"Document [{position + 1}](Title: Title {i})")
+        others = [d for k, d in enumerate(example.documents) if k != position]
+        assert not any(f"Person{i}" in d for d in others)  # distractors never hold the answer
+        assert example.question.startswith(f"Question: who is item {i}") and example.answers == [f"Person{i}"]
+
+
+def test_kv_examples_keep_gold_at_relative_position(data_dir):
+    example = KVRetrieval(pairs=6).examples(data_dir, 1, seed=0)[0]
+    pairs = json.loads(example.context.removeprefix("JSON data:\n"))
+    key = example.question.split('"')[1]
+    assert len(pairs) == 6 and pairs[key] == example.answers[0]
+    assert list(pairs).index(key) == example.meta["gold_position"] == round(7 * 5 / 19)
+
+
+def test_niah_examples(data_dir, tokenizer):
+    task = NeedleInHaystack(lengths=(200, 400), depths=(0.2, 0.8))
+    examples = task.examples(data_dir, 4, seed=0, tokenizer=tokenizer)
+    for example in examples:
+        text = example.context
+        number = example.answers[0]
+        at = text.index(f"The special magic number is {number}.")
+        assert abs(at / len(text) - example.meta["depth"]) < 0.15
+        tokens = len(tokenizer(text)["input_ids"])
+        assert abs(tokens - example.meta["length"]) < 30
+
+
+def tiny_profile():
+    return Profile(
+        "test",
+        {"nq": (NQ(documents=3, gold_positions=(1,)), 2), "kv-retrieval": (KVRetrieval(pairs=4), 1)},
+        prompt_methods=("dac", "random"), prompt_rates=(0.5,), kv_methods=("snapkv", "spindlekv"),
+        kv_ratios=(0.5,), combos=(Config("dac", 0.5, "snapkv", 0.5),), max_new_tokens=4,
+    )
+
+
+def test_runner_rows_resume_and_report(tmp_path, data_dir, tiny_lm):
+    out = tmp_path / "run"
+    runner = Runner(tiny_lm, tiny_profile(), data_dir, out, progress=False)
+    path = runner.run()
+    rows = read_records(path)
+    configs = [c.label for c in tiny_profile().configs()]
+    assert len(rows) == 3 * len(configs) == 3 * 6
+    assert {r["config"] for r in rows} == set(configs)
+    for row in rows:
+        assert row["score"] in (0.0, 1.0) and row["nll"] > 0
+        assert (row["kl"] is None) == (row["kv_method"] == "full")
+        if row["kv_method"] != "full":
+            assert row["kl"] >= 0 and row["byte_rate"] <= 0.5
+        if row["prompt_method"]:
+            assert abs(row["kept_tokens"] - round(0.5 * row["context_tokens"])) <= 1
+    # an interrupted run (last rows lost, one line cut) resumes without redoing the rest
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-4]) + "\n" + lines[-4][:20])
+    Runner(tiny_lm, tiny_profile(), data_dir, out, progress=False).run()
+    resumed = read_records(path)
+    assert len(resumed) == len(rows)
+    assert [r["key"] for r in resumed[: len(lines) - 4]] == [r["key"] for r in rows[: len(lines) - 4]]
+    summary = report.write(resumed, out)
+    assert len(summary) == 2 * len(configs)
+    assert (out / "summary.md").read_text().count("| full |") == 2
+    assert (out / "quality_vs_compression.png").stat().st_size > 1000
+
+
+def test_full_reference_has_no_kl_and_nll_is_deterministic(tmp_path, data_dir, tiny_lm):
+    a = read_records(Runner(tiny_lm, tiny_profile(), data_dir, tmp_path / "a", progress=False).run())
+    b = read_records(Runner(tiny_lm, tiny_profile(), data_dir, tmp_path / "b", progress=False).run())
+    assert [r["nll"] for r in a] == pytest.approx([r["nll"] for r in b])
+    assert [r["answer"] for r in a] == [r["answer"] for r in b]
+
+
+def test_data_dir_errors(tmp_path):
+    with pytest.raises(InputError, match="--data-dir"):
+        find_data_dir(tmp_path, ["nq"])
+    with pytest.raises(InputError, match="unknown profile"):
+        profile("huge")
+
+
+def test_cli_bench(tmp_path, data_dir, tiny_model_dir, capsys):
+    out = tmp_path / "cli"
+    code = main(["bench", "--tasks", "kv-retrieval", "--examples", "1", "--data-dir", str(data_dir), "--out",
+                 str(out), "--model", tiny_model_dir, "--no-plots"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "### kv-retrieval" in captured.out and "| full |" in captured.out
+    assert len(read_records(out / RESULTS)) == len(profile("quick").configs())
+    code = main(["bench", "--tasks", "kv-retrieval,poetry", "--data-dir", str(data_dir)])
+    assert code == 2 and "unknown task poetry" in capsys.readouterr().err
+    code = main(["bench", "--data-dir", str(tmp_path / "nothing"), "--model", tiny_model_dir])
+    assert code == 2 and "--data-dir" in capsys.readouterr().err
