@@ -127,8 +127,29 @@ def test_runner_rows_resume_and_report(tmp_path, data_dir, tiny_lm):
     assert [r["key"] for r in resumed[: len(lines) - 4]] == [r["key"] for r in rows[: len(lines) - 4]]
     summary = report.write(resumed, out)
     assert len(summary) == 2 * len(configs)
-    assert (out / "summary.md").read_text().count("| full |") == 2
+    assert (out / "summary.md").read_text().count("| full |") == 3  # the overview and one table per task
     assert (out / "quality_vs_compression.png").stat().st_size > 1000
+
+
+def test_resume_refuses_results_of_another_run(tmp_path, data_dir, tiny_lm):
+    profile_ = Profile("test", {"kv-retrieval": (KVRetrieval(pairs=4), 1)}, prompt_methods=(), kv_methods=(),
+                       max_new_tokens=2)
+    Runner(tiny_lm, profile_, data_dir, tmp_path, progress=False).run()
+    with pytest.raises(InputError, match="another run"):
+        Runner(tiny_lm, profile_, data_dir, tmp_path, seed=1, progress=False).run()
+    assert len(read_records(tmp_path / RESULTS)) == 1  # nothing discarded
+
+
+def test_overview_averages_across_tasks():
+    def entry(task, config, score, nll, kl, kept):
+        return {"task": task, "config": config, "score": score, "nll": nll, "kl": kl, "kept": kept}
+
+    summary = [entry("nq", "full", 1.0, 2.0, None, 1.0), entry("niah", "full", 0.5, 4.0, None, 1.0),
+               entry("nq", "kv:snapkv@0.5", 0.25, 3.0, 0.1, 0.5), entry("niah", "kv:snapkv@0.5", 0.0, 5.0, 0.3, 0.4)]
+    lines = report.overview(summary).splitlines()
+    assert lines[0] == "| configuration | nq score | niah score | gold NLL | KL vs full | kept |"
+    assert lines[2] == "| full | 1.00 | 0.50 | 3.000 | - | 1.00 |"
+    assert lines[3] == "| kv:snapkv@0.5 | 0.25 | 0.00 | 4.000 | 0.200 | 0.45 |"
 
 
 def test_full_reference_has_no_kl_and_nll_is_deterministic(tmp_path, data_dir, tiny_lm):

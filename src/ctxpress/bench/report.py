@@ -36,9 +36,30 @@ def _fmt(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def overview(summary: list[dict]) -> str:
+    """One row per configuration across tasks: each task's score, then NLL, KL and kept fraction averaged."""
+    tasks = list(dict.fromkeys(s["task"] for s in summary))
+    by_config: dict[str, dict[str, dict]] = defaultdict(dict)
+    for s in summary:
+        by_config[s["config"]][s["task"]] = s
+
+    def mean(entries: list[dict], measure: str) -> float | None:
+        values = [e[measure] for e in entries if e[measure] is not None]
+        return statistics.fmean(values) if values else None
+
+    out = ["| configuration | " + " | ".join(f"{t} score" for t in tasks) + " | gold NLL | KL vs full | kept |",
+           "|---|" + "---:|" * (len(tasks) + 3)]
+    for config, entries in by_config.items():
+        scores = " | ".join(_fmt(entries[t]["score"], 2) if t in entries else "-" for t in tasks)
+        rows = list(entries.values())
+        out.append(f"| {config} | {scores} | {_fmt(mean(rows, 'nll'))} | {_fmt(mean(rows, 'kl'))} "
+                   f"| {_fmt(mean(rows, 'kept'), 2)} |")
+    return "\n".join(out) + "\n"
+
+
 def markdown(summary: list[dict]) -> str:
-    """One table per task: quality first (score, NLL, KL), then cost."""
-    out = []
+    """An overview across tasks, then one table per task: quality first (score, NLL, KL), then cost."""
+    out = ["### all tasks\n", overview(summary)]
     for task in dict.fromkeys(s["task"] for s in summary):
         out.append(f"### {task}\n")
         out.append("| configuration | n | score | gold NLL | KL vs full | tokens kept | cache bytes kept "

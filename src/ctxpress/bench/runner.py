@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import InputError
 from ..jsonl import complete_lines, read_records
 from ..kv import build_press
 from ..kv.generation import CompressedContext, prompt_ids
@@ -29,6 +30,7 @@ from .profiles import Config, Profile
 from .tasks import TASKS, Example
 
 RESULTS = "examples.jsonl"
+MANIFEST = "run.json"  # what produced the results, so a resume never mixes two different runs
 
 
 def row_key(task: str, example: str, label: str) -> str:
@@ -53,6 +55,7 @@ class Runner:
     def run(self) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / RESULTS
+        self._check_manifest(path)
         complete_lines(path)  # drop a line cut by an interruption before appending
         done = {row["key"] for row in read_records(path)}
         work = list(self.examples())
@@ -65,6 +68,16 @@ class Runner:
                     sink.flush()
                     bar.update(1)
         return path
+
+    def _check_manifest(self, results: Path) -> None:
+        manifest = {"profile": self.profile.name, "seed": self.seed, "model": self.lm.name}
+        path = self.out / MANIFEST
+        if results.exists() and path.exists():
+            earlier = json.loads(path.read_text())
+            if earlier != manifest:
+                raise InputError(f"{self.out} holds results of another run ({earlier}, now {manifest}); "
+                                 "pass --fresh to discard them or choose another --out")
+        path.write_text(json.dumps(manifest) + "\n")
 
     def _evaluate(self, task, example: Example, configs: list[Config], done: set[str]) -> Iterator[dict]:
         groups: dict[tuple, list[Config]] = {}
@@ -85,7 +98,7 @@ class Runner:
                     press = build_press(config.kv_method, **({} if config.kv_method == "full"
                                                              else {"ratio": config.kv_ratio}))
                     ctx = CompressedContext(self.lm, context_ids, press)
-                    new, speed = ctx.generate(question_ids, self.profile.max_new_tokens)
+                    new, speed = ctx.generate(question_ids, self.profile.max_new_tokens or task.max_new_tokens)
                     logits = ctx.next_token_logits(forced)[answer_rows]
                     if config.kv_method == "full":
                         reference = logits

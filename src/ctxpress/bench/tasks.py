@@ -47,6 +47,7 @@ class Example:
 class NQ:
     documents: int = 10
     gold_positions: tuple[int, ...] = (0, 4, 9)  # cycled over the examples
+    max_new_tokens: int = 32  # room for a short sentence around the answer
     name: str = "nq"
 
     def examples(self, data: Path, count: int, seed: int, tokenizer=None) -> list[Example]:
@@ -79,6 +80,7 @@ class NQ:
 class NeedleInHaystack:
     lengths: tuple[int, ...] = (1024, 2048)
     depths: tuple[float, ...] = (0.1, 0.5, 0.9)
+    max_new_tokens: int = 32  # "The special magic number ... is 1234567." is 18 tokens
     name: str = "niah"
 
     def examples(self, data: Path, count: int, seed: int, tokenizer=None) -> list[Example]:
@@ -119,6 +121,7 @@ def _sentence_end(text: str, at: int) -> int:
 @dataclass(frozen=True)
 class KVRetrieval:
     pairs: int = 75
+    max_new_tokens: int = 64  # a UUID alone is 33 tokens of SmolLM2's tokenizer
     name: str = "kv-retrieval"
 
     def examples(self, data: Path, count: int, seed: int, tokenizer=None) -> list[Example]:
