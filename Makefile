@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: setup demo test lint bench-dac clean
+.PHONY: setup demo test lint bench-dac bench-kv bench-quick clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ lint: $(STAMP)
 
 bench-dac: $(STAMP)
 	$(BIN)/python benchmarks/dac_speed.py
+
+bench-kv: $(STAMP)
+	$(BIN)/python benchmarks/kv_speed.py
+
+bench-quick: $(STAMP)
+	$(BIN)/ctxpress bench --profile quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache
