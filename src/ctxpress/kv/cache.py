@@ -38,7 +38,6 @@ class PressState:
     num_layers: int
     compressed: bool = False
     compress_seconds: float = 0.0
-    prompt_tokens: int = 0
     layers: list[CompressedLayer] = field(default_factory=list)
 
 
@@ -63,8 +62,7 @@ class CompressedLayer(DynamicLayer):
         self.dtype_size = key_states.element_size()
         if self.store is None:
             return super().update(key_states, value_states)
-        positions = torch.arange(start, self.seen, device=key_states.device)
-        self.store.append(key_states, value_states, positions)
+        self.store.append(key_states, value_states, start)
         return self.store.materialize()
 
     def attend(self, module, query, key, value, attention_mask, scaling) -> torch.Tensor:
@@ -134,7 +132,6 @@ class CompressedCache(DynamicCache):
         self.state = new_state(press, model)
         self.layers = [CompressedLayer(self.state, i) for i in range(self.state.num_layers)]
         self.state.layers = self.layers
-        self.batch = 1
 
     def nbytes(self) -> int:
         return cache_nbytes(self)

@@ -27,10 +27,8 @@ class Codebook:
     index: torch.Tensor  # (N,) entry of every vector
     magnitude: torch.Tensor  # (N,) norm of every vector
 
-    def decode(self, index: torch.Tensor | None = None, magnitude: torch.Tensor | None = None) -> torch.Tensor:
-        index = self.index if index is None else index
-        magnitude = self.magnitude if magnitude is None else magnitude
-        return self.entries[index] * magnitude[:, None].to(self.entries.dtype)
+    def decode(self) -> torch.Tensor:
+        return self.entries[self.index] * self.magnitude[:, None].to(self.entries.dtype)
 
 
 def normalise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,7 +28,7 @@ from typing import ClassVar
 
 import torch
 
-from ..attention import attention_implementation, attention_with_column_sums, register
+from ..attention import ATTN_IMPLEMENTATION, attention_implementation, attention_with_column_sums, register
 from ..errors import InputError
 from .budget import pyramid_keep, uniform_keep
 from .cache import CompressedCache, CompressedLayer, PressState, convert_cache, new_state, timed
@@ -65,8 +65,6 @@ class KVPress:
         plain SDPA for everything but compressed caches.
         """
         register()
-        from ..attention import ATTN_IMPLEMENTATION
-
         if model.config._attn_implementation != ATTN_IMPLEMENTATION:
             model.set_attn_implementation(ATTN_IMPLEMENTATION)
         return CompressedCache(self, model)
@@ -74,8 +72,6 @@ class KVPress:
     @contextmanager
     def __call__(self, model: torch.nn.Module) -> Iterator[KVPress]:
         """Compress every cache the model fills inside the block (from its first token)."""
-        from ..attention import ATTN_IMPLEMENTATION
-
         register()
         states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -120,7 +116,6 @@ class KVPress:
             ).transpose(1, 2)
         layer.scores = timed(state, lambda: self.score(query, key, scaling, columns))
         if layer.layer_idx == state.num_layers - 1:
-            state.prompt_tokens = layer.seen
             timed(state, lambda: self.compress(state))
             state.compressed = True
         return out
@@ -162,7 +157,11 @@ class EvictionPress(KVPress):
         return min(n, max(1, math.floor(self.ratio * n)))
 
     def keep_counts(self, n: int, layers: int) -> list[int]:
-        return uniform_keep(n, self.mean_keep(n) / n, layers)
+        return self.counts_for_mean(n, self.mean_keep(n), layers)
+
+    def counts_for_mean(self, n: int, mean: int, layers: int) -> list[int]:
+        """Per-layer keep counts averaging ``mean`` (a press's budget shape; uniform here)."""
+        return uniform_keep(n, mean / n, layers)
 
     def effective_window(self, n: int) -> int:
         return max(0, min(self.window, self.mean_keep(n) - 1, n))
@@ -233,5 +232,6 @@ class PyramidKV(SnapKV):
     beta: float = 0.05
     name: ClassVar[str] = "pyramidkv"
 
-    def keep_counts(self, n: int, layers: int) -> list[int]:
-        return pyramid_keep(n, self.mean_keep(n) / n, layers, self.effective_window(n), self.beta)
+    def counts_for_mean(self, n: int, mean: int, layers: int) -> list[int]:
+        window = min(self.effective_window(n), max(0, mean - 1))  # the window never exceeds the budget
+        return pyramid_keep(n, mean / n, layers, window, self.beta)

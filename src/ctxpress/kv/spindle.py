@@ -85,7 +85,7 @@ class SpindleKV(PyramidKV):
         layers = len(plans)
 
         def counts(mean: int) -> list[int]:
-            return pyramid_counts(n, mean, layers, self.effective_window(n), self.beta)
+            return self.counts_for_mean(n, mean, layers)
 
         # Largest selection worth encoding: a quarter above the dense budget (the per-head
         # unions cost more rows than the codebook usually saves), doubled while it still fits.
@@ -109,12 +109,6 @@ class SpindleKV(PyramidKV):
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
         return [min(c, top) for c, top in zip(counts(lo), ceiling)]
-
-
-def pyramid_counts(n: int, mean: int, layers: int, window: int, beta: float) -> list[int]:
-    from .budget import pyramid_keep
-
-    return pyramid_keep(n, mean / n, layers, min(window, max(0, mean - 1)), beta)
 
 
 class _LayerPlan:

@@ -51,7 +51,7 @@ class DenseStore:
     def __len__(self) -> int:
         return self.keys.shape[-2]
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+    def append(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
         self.keys = torch.cat([self.keys, keys], dim=-2)
         self.values = torch.cat([self.values, values], dim=-2)
 
@@ -173,14 +173,16 @@ class HeadwiseStore:
     def __len__(self) -> int:
         return self.select.shape[1]
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+    def append(self, keys: torch.Tensor, values: torch.Tensor, position: int) -> None:
+        """Add ``n`` new tokens, the first at sequence ``position``."""
         kv_heads, n, d = keys.shape[1], keys.shape[2], keys.shape[3]
+        positions = torch.arange(position, position + n, device=keys.device, dtype=torch.int32)
         start = len(self.keys) + len(self.tail_keys)
         rows = keys[0].transpose(0, 1).reshape(n * kv_heads, d)  # token-major: row = start + t * kv + g
         self.tail_keys = torch.cat([self.tail_keys, interleave(rows) if self.interleaved else rows])
         self.tail_values = torch.cat([self.tail_values, values[0].transpose(0, 1).reshape(n * kv_heads, d)])
-        self.tail_positions = torch.cat([self.tail_positions, positions.to(torch.int32)])
-        self.upto = max(self.upto, int(positions[-1]) + 1)
+        self.tail_positions = torch.cat([self.tail_positions, positions])
+        self.upto = max(self.upto, position + n)  # from Python ints: no device sync per step
         if n == 1:
             new = self.group_column + start
         else:
