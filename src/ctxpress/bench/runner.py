@@ -27,7 +27,7 @@ from ..progress import progress_bar
 from ..prompt import PromptCompressor
 from .metrics import mean_kl, mean_nll
 from .profiles import Config, Profile
-from .tasks import TASKS, Example
+from .tasks import Example
 
 RESULTS = "examples.jsonl"
 MANIFEST = "run.json"  # what produced the results, so a resume never mixes two different runs
@@ -100,9 +100,10 @@ class Runner:
                     ctx = CompressedContext(self.lm, context_ids, press)
                     new, speed = ctx.generate(question_ids, self.profile.max_new_tokens or task.max_new_tokens)
                     logits = ctx.next_token_logits(forced)[answer_rows]
-                    if config.kv_method == "full":
-                        reference = logits
-                    elif reference is None:
+                if config.kv_method == "full":
+                    reference = logits
+                elif reference is None:  # the full row was written by an earlier, interrupted run
+                    with self.lm.lock:
                         reference = CompressedContext(self.lm, context_ids, build_press("full")).next_token_logits(
                             forced)[answer_rows]
                 answer = tok.decode(new, skip_special_tokens=True).strip()
@@ -136,4 +137,4 @@ class Runner:
                           "token_rate": result.rate, "prompt_seconds": time.perf_counter() - start}}
 
 
-__all__ = ["RESULTS", "TASKS", "Runner"]
+__all__ = ["RESULTS", "Runner"]
