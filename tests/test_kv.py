@@ -7,7 +7,18 @@ import torch
 from transformers import DynamicCache
 
 from ctxpress.errors import InputError
-from ctxpress.kv import H2O, PRESSES, KVPress, PyramidKV, SnapKV, SpindleKV, StreamingLLM, build_press
+from ctxpress.kv import (
+    DEFAULT_RATIO,
+    H2O,
+    PRESSES,
+    KVPress,
+    PyramidKV,
+    SnapKV,
+    SpindleKV,
+    StreamingLLM,
+    build_press,
+    press_with_budget,
+)
 from ctxpress.kv import codebook as cb
 from ctxpress.kv.budget import pyramid_keep
 from ctxpress.kv.rope import deinterleave
@@ -385,3 +396,16 @@ def test_other_llama_family_decoders(arch):
         assert cache.nbytes() <= 0.3 * cache.dense_nbytes()
         out = greedy(model, ids, past_key_values=cache, min_new_tokens=12)
         assert out.shape == (1, 132)
+
+
+def test_press_with_budget_defaults_and_refusals():
+    assert press_with_budget("snapkv").ratio == DEFAULT_RATIO
+    assert press_with_budget("snapkv", tokens=64).tokens == 64 and press_with_budget("snapkv", tokens=64).ratio is None
+    assert press_with_budget("h2o", options={"ratio": 0.4}).ratio == 0.4
+    codebook_only = press_with_budget("spindlekv", options={"evict": False})
+    assert codebook_only.ratio is None and codebook_only.evict is False
+    for name, kwargs, match in [("full", {"ratio": 0.5}, "takes no budget"),
+                                ("spindlekv", {"tokens": 9, "options": {"evict": False}}, "with evict=false"),
+                                ("snapkv", {"ratio": 0.5, "options": {"ratio": 0.3}}, "given twice")]:
+        with pytest.raises(InputError, match=match):
+            press_with_budget(name, **kwargs)

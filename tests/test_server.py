@@ -120,6 +120,9 @@ def test_concurrent_requests_are_queued_not_crashed(base_url):
                                              "max_tokens": 5000}).encode(), 400, "limit"),
         ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "x"}],
                                              "kv_compression": {"method": "lzw"}}).encode(), 400, "unknown KV"),
+        ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "x"}],
+                                             "kv_compression": {"method": "full", "ratio": 0.5}}).encode(),
+         400, "takes no budget"),
         ("/v1/compress", json.dumps({"context": "x" * 70_000, "rate": 0.5}).encode(), 413, "bytes"),
         ("/v1/nothing", b"{}", 404, "Not Found"),
     ],
@@ -140,3 +143,11 @@ def test_chunked_body_over_limit(base_url):
 
     r = httpx.post(f"{base_url}/v1/compress", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413
+
+
+def test_codebook_only_kv_compression_needs_no_budget(base_url):
+    body = {"messages": [{"role": "user", "content": TEXT}], "max_tokens": 2,
+            "kv_compression": {"method": "spindlekv", "options": {"evict": False}}}
+    r = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["kv_cache_bytes"] > 0

@@ -220,20 +220,12 @@ def parse_options(items: Sequence[str]) -> dict:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .kv import build_press
+    from .kv import press_with_budget
     from .kv.generation import answer_questions
     from .models import load_model
 
     context = read_text(args.context_file)
-    options = parse_options(args.kv_option)
-    if args.kv != "full" and not (args.kv == "spindlekv" and options.get("evict") is False):
-        if args.kv_tokens is not None:
-            options["tokens"] = args.kv_tokens
-        else:
-            options["ratio"] = args.kv_ratio if args.kv_ratio is not None else 0.2
-    elif args.kv_ratio is not None or args.kv_tokens is not None:
-        raise InputError(f"--kv {args.kv} takes no budget" + (" with evict=false" if args.kv != "full" else ""))
-    press = build_press(args.kv, **options)
+    press = press_with_budget(args.kv, args.kv_ratio, args.kv_tokens, parse_options(args.kv_option))
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
     results = answer_questions(lm, context, args.question, press, max_new_tokens=args.max_new_tokens,
                                question_aware=args.question_aware)

@@ -34,7 +34,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from . import __version__
 from .errors import CtxpressError, InputError
-from .kv import build_press
+from .kv import build_press, press_with_budget
 from .kv.generation import CompressedContext
 from .models import LoadedModel
 from .prompt import PromptCompressor
@@ -208,13 +208,7 @@ def create_app(lm: LoadedModel, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_
                     message["content"] = result.compressed_text
         ids = _chat_ids(tokenizer, messages) if pc is not None else before
         kv = body.kv_compression
-        if kv is None:
-            press = build_press("full")
-        else:
-            budget = {} if kv.method == "full" else {"ratio": kv.ratio, "tokens": kv.tokens}
-            if kv.method != "full" and kv.ratio is None and kv.tokens is None:
-                budget = {"ratio": 0.2}
-            press = build_press(kv.method, **{k: v for k, v in budget.items() if v is not None}, **kv.options)
+        press = build_press("full") if kv is None else press_with_budget(kv.method, kv.ratio, kv.tokens, kv.options)
         limit = body.max_completion_tokens or body.max_tokens or min(256, max_new_tokens)
         if limit > max_new_tokens:
             raise InputError(f"max_tokens {limit} is over this server's limit of {max_new_tokens}")
