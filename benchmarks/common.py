@@ -8,32 +8,29 @@ down with it.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data"
+from ctxpress.bench.data import find_data_dir, load_essays
+from ctxpress.errors import InputError
+from ctxpress.memory import rss_bytes
+
+__all__ = ["available_bytes", "data_dir", "essays_text", "markdown_table", "peak_rss_bytes", "rss_bytes", "run_child"]
 
 
 def data_dir(arg: str | None) -> Path:
-    path = Path(arg) if arg else Path(os.environ.get("CTXPRESS_DATA", DEFAULT_DATA))
-    if not (path / "pg-essays").is_dir():
-        sys.exit(f"benchmark: no evaluation data at {path} (expected pg-essays/); pass --data-dir DIR")
-    return path
+    """The evaluation data (the essays), as ``ctxpress bench`` finds it, or exit with its message."""
+    try:
+        return find_data_dir(arg, ["niah"])
+    except InputError as exc:
+        sys.exit(f"benchmark: {exc}")
 
 
 def essays_text(data: Path) -> str:
     """All essays, in a fixed order, as one long real text."""
-    return "\n\n".join(p.read_text(encoding="utf-8") for p in sorted((data / "pg-essays").glob("*.txt")))
-
-
-def rss_bytes() -> int:
-    """Current resident memory of this process."""
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return "\n\n".join(load_essays(data))
 
 
 def peak_rss_bytes() -> int:
