@@ -66,7 +66,7 @@ def profile(name: str) -> Profile:
              "kv-retrieval": (KVRetrieval(pairs=6), 3)},
             combos=(Config("dac", 0.5, "spindlekv", 0.5),),
         )
-    if name == "medium":  # about an hour: 1-2k-token contexts, two KV ratios
+    if name == "medium":  # about half an hour: 0.7-2k-token contexts, two KV ratios
         return Profile(
             "medium",
             {"nq": (NQ(documents=7, gold_positions=(0, 3, 6)), 6),
