@@ -2,10 +2,12 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from transformers import DynamicCache
 
+from ctxpress.attention import bottom_right_attention
 from ctxpress.errors import InputError
 from ctxpress.kv import (
     DEFAULT_RATIO,
@@ -21,7 +23,8 @@ from ctxpress.kv import (
 )
 from ctxpress.kv import codebook as cb
 from ctxpress.kv.budget import pyramid_keep
-from ctxpress.kv.rope import deinterleave
+from ctxpress.kv.rope import deinterleave, rotary_module
+from ctxpress.kv.spindle import _LayerPlan
 from ctxpress.kv.store import CodedRows, DenseRows, DenseStore, HeadwiseStore
 
 N = 160  # prompt tokens
@@ -148,10 +151,42 @@ def test_codebook_reconstructs_within_threshold_and_merges_copies():
 
 def test_greedy_cover_takes_highest_degree_first():
     # star: node 2 is similar to all others, who are not similar to each other
-    graph = torch.eye(5, dtype=torch.bool)
-    graph[2, :] = graph[:, 2] = True
-    exemplars, assign = cb.greedy_cover(graph)
+    exemplars, assign = cb.greedy_cover(5, np.array([0, 1, 2, 2]), np.array([2, 2, 3, 4]))
     assert exemplars.tolist() == [2] and assign.tolist() == [0] * 5
+    # a path 0-1-2 (1 has the most neighbours), then pairs in order of their lower node, then a single
+    exemplars, assign = cb.greedy_cover(8, np.array([6, 1, 4, 1]), np.array([5, 0, 3, 2]))
+    assert exemplars.tolist() == [1, 3, 5, 7] and assign.tolist() == [0, 0, 0, 1, 1, 2, 2, 3]
+
+
+def dense_algorithm_1(vectors: torch.Tensor, theta: float) -> tuple[list[int], list[int]]:
+    """The paper's Algorithm 1, literally, on the full N x N graph (reference only)."""
+    units = torch.nn.functional.normalize(vectors.double(), dim=-1)
+    graph = (units @ units.T) > theta
+    graph.fill_diagonal_(True)
+    exemplars, assign = [], [-1] * len(units)
+    while graph.any():
+        best = int(graph.sum(dim=1).argmax())
+        members = torch.nonzero(graph[best]).flatten()
+        for m in members.tolist():
+            assign[m] = len(exemplars)
+        exemplars.append(best)
+        graph[members, :] = False
+        graph[:, members] = False
+    return exemplars, assign
+
+
+@pytest.mark.parametrize("theta", [0.9, 0.98])
+def test_codebook_build_equals_the_dense_algorithm(theta):
+    torch.manual_seed(3)
+    centres = torch.randn(12, 16, dtype=torch.float64)
+    vectors = centres[torch.randint(0, 12, (300,))] + 0.15 * torch.randn(300, 16, dtype=torch.float64)
+    book = cb.build(vectors, theta)
+    exemplars, assign = dense_algorithm_1(vectors, theta)
+    # the same cover, up to the order of the single-vector entries
+    groups = {frozenset(torch.nonzero(book.index == e).flatten().tolist()) for e in range(len(book.entries))}
+    expected = {frozenset(i for i, a in enumerate(assign) if a == e) for e in range(len(exemplars))}
+    assert groups == expected
+    assert 12 <= len(book.entries) < 300
 
 
 def stored_tensor_bytes(obj, seen=None) -> int:
@@ -185,22 +220,47 @@ def test_spindlekv_bytes_and_reconstruction(tiny_lm, prompt, options):
         coded = options.get("codebook", True)
         assert isinstance(store.keys, CodedRows if coded else DenseRows)
         selectors = heads if options.get("per_head", True) else keys.shape[1]
-        assert store.select.shape[0] == selectors
+        assert store.visible.shape[0] == selectors
+        kept = store.visible.sum(dim=1)
+        assert bool((kept == kept[0]).all()) and int(kept[0]) < N  # every head keeps its layer's budget
         k, v = store.materialize()
         if store.interleaved:  # coded keys come back in the interleaved RoPE layout
             k = deinterleave(k)
         groups = selectors // keys.shape[1]
         for s in range(selectors):
             g = s // groups
+            seen = store.visible[s]
+            k_s, v_s = k[0, g, seen], v[0, g, seen]
             if coded:  # every kept vector is within its threshold of the original at its position
-                pos = store.positions[store.select[s].long()].long()
-                cos_k = torch.nn.functional.cosine_similarity(k[0, s], keys[0, g, pos], dim=-1)
-                cos_v = torch.nn.functional.cosine_similarity(v[0, s], values[0, g, pos], dim=-1)
+                pos = store.positions[store.slots[g, seen].long()].long()
+                cos_k = torch.nn.functional.cosine_similarity(k_s, keys[0, g, pos], dim=-1)
+                cos_v = torch.nn.functional.cosine_similarity(v_s, values[0, g, pos], dim=-1)
                 assert torch.all(cos_k > 0.98 - 1e-4) and torch.all(cos_v > 0.95 - 1e-4)
-                torch.testing.assert_close(k[0, s].norm(dim=-1), keys[0, g, pos].norm(dim=-1))
+                torch.testing.assert_close(k_s.norm(dim=-1), keys[0, g, pos].norm(dim=-1))
             else:  # dense rows are the original vectors (up to the eager/SDPA difference)
-                gap = (k[0, s][:, None] - keys[0, g][None]).abs().amax(dim=-1).min(dim=1).values
+                gap = (k_s[:, None] - keys[0, g][None]).abs().amax(dim=-1).min(dim=1).values
                 assert bool((gap < 1e-4).all())
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+def test_spindlekv_plans_count_the_bytes_stores_hold(tiny_lm, prompt, fallback):
+    """Calibration relies on predicted sizes: they must equal what a store of that size holds."""
+    checked = []
+
+    class Checked(SpindleKV):
+        def compress(self, state):
+            rotary = rotary_module(state.model)
+            for layer in state.layers:
+                plan = _LayerPlan(layer, self, self.effective_window(N), rotary)
+                plan.prepare(N)
+                for keep in (3, N // 3, N - 5, N):
+                    checked.append((plan.nbytes(keep), plan.store(keep).nbytes()))
+            super().compress(state)
+
+    compressed(tiny_lm.model, Checked(ratio=0.3, dense_fallback=fallback), prompt)
+    predicted, held = zip(*checked)
+    assert len(checked) == 4 * tiny_lm.model.config.num_hidden_layers
+    assert predicted == held and len(set(held)) > 4
 
 
 def test_codebook_used_only_where_it_saves_bytes(tokenizer, prompt):
@@ -221,11 +281,11 @@ def test_codebook_used_only_where_it_saves_bytes(tokenizer, prompt):
 def test_spindlekv_per_head_selection_is_per_query_head(tiny_lm, prompt):
     cache = compressed(tiny_lm.model, SpindleKV(ratio=0.3, codebook=False), prompt)
     store = cache.layers[-1].store
-    first, second = store.select[0], store.select[1]  # two query heads sharing KV head 0
-    assert not torch.equal(first, second)  # choose differently
-    rows = torch.unique(torch.cat([first, second]))
-    assert len(rows) < 2 * len(first)  # tokens both keep are stored once
-    assert len(store.keys) == sum(len(torch.unique(store.select[2 * g: 2 * g + 2])) for g in range(2))
+    first, second = store.visible[0], store.visible[1]  # two query heads sharing KV head 0
+    assert not torch.equal(first, second) and first.sum() == second.sum()  # same budget, own choices
+    both = first | second
+    assert both.sum() < first.sum() + second.sum()  # tokens both keep are stored once
+    assert len(store.keys) == sum(int((store.visible[2 * g] | store.visible[2 * g + 1]).sum()) for g in range(2))
 
 
 def test_codebook_only_keeps_every_token(tiny_lm, prompt):
@@ -275,12 +335,33 @@ def test_decoded_tokens_wait_dense_then_encode(tiny_lm, prompt, fallback):
     press = SpindleKV(ratio=0.3, encode_every=4, dense_fallback=fallback)
     cache = compressed(tiny_lm.model, press, prompt[:, :-1])
     store = cache.layers[0].store
-    rows, listed = len(store.keys), store.select.shape[1]
+    rows, listed = len(store.keys), len(store)
     greedy(tiny_lm.model, prompt, past_key_values=cache, min_new_tokens=6, max_new_tokens=6)
     # 6 tokens fed (the last prompt token and 5 generated): 4 encoded, 2 waiting
-    assert len(store.tail_keys) == 2 * store.kv_heads
+    assert store.tail_keys.shape[1] == 2
     assert len(store.keys) == rows + 4 * store.kv_heads
-    assert store.select.shape[1] == listed + 6  # every head sees every new token
+    assert len(store) == listed + 6 and bool(store.visible[:, -6:].all())  # every head sees every new token
+
+
+def test_encoding_the_tail_keeps_each_token_at_its_position(tiny_lm, prompt):
+    cache = compressed(tiny_lm.model, SpindleKV(ratio=0.3, encode_every=4, dense_fallback=False), prompt[:, :-3])
+    with torch.no_grad():
+        tiny_lm.model(prompt[:, -3:], past_key_values=cache)  # three tokens wait in the tail
+        for layer in cache.layers:
+            assert layer.store.tail_keys.shape[1] == 3
+        waiting = [layer.store.materialize() for layer in cache.layers]
+        tiny_lm.model(torch.tensor([[7]]), past_key_values=cache)  # the fourth: all four are encoded
+    for layer, (k0, v0) in zip(cache.layers, waiting):
+        assert layer.store.tail_keys.shape[1] == 0
+        k1, v1 = layer.store.materialize()
+        old_k, new_k = k0[0, :, -3:], k1[0, :, -4:-1]  # interleaved, post-RoPE: same layout before and after
+        assert torch.all(torch.nn.functional.cosine_similarity(old_k, new_k, dim=-1) > 0.98 - 1e-4)
+        assert torch.all(torch.nn.functional.cosine_similarity(v0[0, :, -3:], v1[0, :, -4:-1], dim=-1) > 0.95 - 1e-4)
+        torch.testing.assert_close(old_k.norm(dim=-1), new_k.norm(dim=-1))
+        # the rows listed for the new tokens carry their sequence positions, for every group
+        rows = layer.store.slots[:, -4:].long()
+        expected = torch.arange(N - 3, N + 1, dtype=torch.int32).expand(layer.store.kv_heads, 4)
+        assert torch.equal(layer.store.positions[rows], expected)
 
 
 def test_copy_serves_several_questions(tiny_lm, prompt):
@@ -294,9 +375,10 @@ def test_copy_serves_several_questions(tiny_lm, prompt):
     assert cache.nbytes() == size and cache.get_seq_length() == N
 
 
-def test_question_after_compression_is_causal(tiny_lm, prompt):
+@pytest.mark.parametrize("press", [PyramidKV(ratio=0.3), SpindleKV(ratio=0.3, codebook=False),
+                                   SpindleKV(ratio=0.3, dense_fallback=False)], ids=["pyramidkv", "heads", "coded"])
+def test_question_after_compression_is_causal(tiny_lm, prompt, press):
     """A multi-token question over a compressed cache equals feeding it token by token."""
-    press = PyramidKV(ratio=0.3)
     q = torch.randint(0, 300, (1, 7))
     a = compressed(tiny_lm.model, press, prompt)
     b = a.copy()
@@ -304,6 +386,23 @@ def test_question_after_compression_is_causal(tiny_lm, prompt):
         together = tiny_lm.model(q, past_key_values=a).logits
         single = torch.cat([tiny_lm.model(q[:, i:i + 1], past_key_values=b).logits for i in range(7)], 1)
     torch.testing.assert_close(together, single, atol=1e-4, rtol=1e-4)
+
+
+def test_visible_mask_equals_attending_to_each_heads_own_tokens():
+    torch.manual_seed(4)
+    heads, kv_heads, columns, d = 6, 2, 20, 8
+    query = torch.randn(1, heads, 3, d)
+    key, value = torch.randn(1, kv_heads, columns, d), torch.randn(1, kv_heads, columns, d)
+    visible = torch.rand(heads, columns) < 0.6
+    visible[:, -3:] = True  # the three new tokens, seen by every head
+    out = bottom_right_attention(query, key, value, 0.3, visible)
+    for h in range(heads):
+        g = h // (heads // kv_heads)
+        own = torch.nonzero(visible[h]).flatten()  # this head's tokens, the new ones last
+        k, v = key[0, g, own], value[0, g, own]
+        weights = (query[0, h] @ k.T * 0.3).masked_fill(
+            torch.arange(len(own))[None, :] > torch.arange(3)[:, None] + len(own) - 3, float("-inf")).softmax(-1)
+        torch.testing.assert_close(out[0, :, h], weights @ v)
 
 
 def test_batch_of_equal_prompts_and_padding_error(tiny_lm):

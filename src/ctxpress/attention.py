@@ -91,19 +91,25 @@ def attention_implementation(model: torch.nn.Module, name: str) -> Iterator[None
 
 
 def bottom_right_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                           scaling: float) -> torch.Tensor:
+                           scaling: float, visible: torch.Tensor | None = None) -> torch.Tensor:
     """SDPA where the queries are the *last* positions of the keys.
 
     A compressed cache holds fewer keys than positions seen, and a different
     number in each layer; new queries must still see every cached key and
-    the new keys up to their own. Key heads may equal the query heads (per
-    query head storage) or divide them (GQA). Returns (b, q, heads, d).
+    the new keys up to their own. Key heads may equal the query heads or
+    divide them (GQA). ``visible`` (heads or key heads, k_len) masks the keys
+    each head may see. Returns (b, q, heads, d).
     """
-    q_len, k_len = query.shape[2], key.shape[2]
+    heads, q_len, k_len = query.shape[1], query.shape[2], key.shape[2]
     mask = None
     if q_len > 1:
         mask = torch.arange(k_len, device=query.device)[None, :] <= (
             torch.arange(q_len, device=query.device)[:, None] + (k_len - q_len))
+    if visible is not None:
+        if visible.shape[0] != heads:
+            visible = visible.repeat_interleave(heads // visible.shape[0], dim=0)
+        # 4-D: with a 3-D mask SDPA on the CPU leaves its flash kernel for the slow math path
+        mask = (visible[:, None, :] if mask is None else visible[:, None, :] & mask)[None]
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
     return out.transpose(1, 2)

@@ -76,7 +76,7 @@ class CompressedLayer(DynamicLayer):
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling)[0]
         if getattr(self.store, "interleaved", False):  # keys come back in the interleaved RoPE layout
             query = interleave(query)
-        return bottom_right_attention(query, key, value, scaling)
+        return bottom_right_attention(query, key, value, scaling, getattr(self.store, "mask", None))
 
     def compress_to(self, store) -> None:
         """Replace the dense prefill tensors by ``store``."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-TILE = 512  # rows of the similarity matrix computed at once (a tile stays in cache)
+TILE = 512  # rows of the similarity matrix computed at once
 
 
 @dataclass
@@ -38,49 +38,90 @@ def normalise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x / norm.clamp_min(1e-12)[:, None], norm
 
 
-def similarity_graph(units: torch.Tensor, theta: float) -> torch.Tensor:
-    """Boolean (N, N) adjacency ``cos > theta``, computed in row tiles."""
-    n = units.shape[0]
-    graph = torch.empty(n, n, dtype=torch.bool, device=units.device)
-    for start in range(0, n, TILE):
-        graph[start : start + TILE] = (units[start : start + TILE] @ units.T) > theta
-    graph.fill_diagonal_(True)  # a vector always matches itself, whatever the rounding
-    return graph
+def similar_pairs(units: torch.Tensor, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs ``(i, j)``, ``i < j``, of unit vectors with ``cos > theta``: the graph's edges.
 
-
-def greedy_cover(graph: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exemplars and assignment from the greedy highest-degree cover of ``graph``.
-
-    Returns ``(exemplars, assign)``: the vector index of every entry, in
-    order of creation, and the entry of every vector. Ties go to the lowest
-    index. Vectors left without any remaining neighbour become entries of
-    their own in one step. The loop runs in NumPy: it is short per step and
-    its per-call overhead is what dominates.
+    The graph is symmetric, so only the tiles on and above the diagonal are
+    computed (half the products of the full matrix); at SpindleKV's
+    thresholds it is sparse, so its edges are kept, not an N x N matrix.
     """
-    adjacency = graph.cpu().numpy()
-    n = adjacency.shape[0]
-    degree = adjacency.sum(axis=1, dtype=np.int64)
+    n = units.shape[0]
+    rows, cols = [], []
+    for start in range(0, n, TILE):
+        block = units[start : start + TILE] @ units[start:].T  # rows start.., columns start..
+        i, j = torch.nonzero(block > theta, as_tuple=True)
+        above = j > i
+        rows.append(i[above] + start)
+        cols.append(j[above] + start)
+    if not rows:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return torch.cat(rows).cpu().numpy(), torch.cat(cols).cpu().numpy()
+
+
+def greedy_cover(n: int, rows: np.ndarray, cols: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exemplars and assignment from the greedy highest-degree cover of a graph on ``n`` nodes.
+
+    The graph is given by its edges ``(rows[k], cols[k])`` and always links
+    a node to itself. Returns ``(exemplars, assign)``: the node of every
+    entry, in order of creation, and the entry of every node. Ties go to the
+    lowest index. Degrees are updated from adjacency lists, so the cover
+    costs the number of edges, not ``n`` squared. Two phases need no step by
+    step search: once no node has more than one remaining neighbour the
+    remaining edges are disjoint pairs, taken in order of their lower node,
+    and nodes left alone become entries of their own.
+    """
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    source, target = np.concatenate([rows, cols]), np.concatenate([cols, rows])
+    order = np.argsort(source, kind="stable")
+    neighbours = target[order]
+    start = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(source, minlength=n), out=start[1:])
+    degree = np.diff(start) + 1  # neighbours plus the node itself
     alive = np.ones(n, dtype=bool)
     assign = np.full(n, -1, dtype=np.int64)
-    exemplars: list[int] = []
+    exemplars: list[np.ndarray] = []
+    count = 0
     while True:
-        best = int(np.argmax(degree))
-        if degree[best] <= 1:
+        best = int(degree.argmax())
+        if degree[best] <= 2:
             break
-        members = np.flatnonzero(adjacency[best] & alive)
-        assign[members] = len(exemplars)
-        exemplars.append(best)
+        near = neighbours[start[best] : start[best + 1]]
+        members = np.append(near[alive[near]], best)
+        assign[members] = count
+        exemplars.append(np.array([best]))
+        count += 1
         alive[members] = False
-        degree -= adjacency[members].sum(axis=0, dtype=np.int64)  # symmetric: rows = columns
+        np.subtract.at(degree, _adjacent(start, neighbours, members), 1)
         degree[members] = 0  # removed nodes are never picked again
+    if degree[best] == 2:  # a matching is left: each pair's lower node is its exemplar
+        lower = np.flatnonzero(degree == 2)
+        partner = _adjacent(start, neighbours, lower)
+        owner = np.repeat(lower, start[lower + 1] - start[lower])
+        owner, partner = owner[alive[partner]], partner[alive[partner]]
+        pairs = owner < partner
+        owner, partner = owner[pairs], partner[pairs]
+        entries = np.arange(count, count + len(owner))
+        assign[owner], assign[partner] = entries, entries
+        exemplars.append(owner)
+        count += len(owner)
+        alive[owner], alive[partner] = False, False
     singles = np.flatnonzero(alive)
-    assign[singles] = np.arange(len(exemplars), len(exemplars) + len(singles))
-    ids = np.concatenate([np.asarray(exemplars, dtype=np.int64), singles])
-    return torch.from_numpy(ids).to(graph.device), torch.from_numpy(assign).to(graph.device)
+    assign[singles] = np.arange(count, count + len(singles))
+    ids = np.concatenate([*exemplars, singles]).astype(np.int64)
+    return torch.from_numpy(ids), torch.from_numpy(assign)
+
+
+def _adjacent(start: np.ndarray, neighbours: np.ndarray, nodes: np.ndarray) -> np.ndarray:
+    """The neighbours of all ``nodes``, concatenated (one entry per edge)."""
+    first, count = start[nodes], start[nodes + 1] - start[nodes]
+    before = np.cumsum(count) - count
+    return neighbours[np.arange(int(count.sum())) + np.repeat(first - before, count)]
 
 
 def build(vectors: torch.Tensor, theta: float) -> Codebook:
     """Encode the rows of ``vectors`` (N, d) with a fresh greedy codebook."""
     units, norms = normalise(vectors)
-    exemplars, assign = greedy_cover(similarity_graph(units, theta))
+    exemplars, assign = greedy_cover(units.shape[0], *similar_pairs(units, theta))
+    exemplars, assign = exemplars.to(units.device), assign.to(units.device)
     return Codebook(units[exemplars].to(vectors.dtype), assign, norms.to(vectors.dtype))

@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from ..errors import InputError
@@ -112,7 +113,14 @@ class SpindleKV(PyramidKV):
 
 
 class _LayerPlan:
-    """One layer's candidate selections and the exact storage cost of each."""
+    """One layer's candidate selections and the exact storage cost of each.
+
+    A selection is "each head keeps its ``keep`` best tokens". Token ``t``
+    enters group ``g``'s stored rows once ``keep`` exceeds its best rank
+    among the heads of ``g`` (``union_rank``), and a codebook entry is stored
+    once any of its vectors is; with those first-use ranks sorted, the size
+    of any selection is a few binary searches.
+    """
 
     def __init__(self, layer, press: SpindleKV, window: int, rotary) -> None:
         self.layer, self.press, self.rotary = layer, press, rotary
@@ -129,81 +137,82 @@ class _LayerPlan:
         self.rank.scatter_(1, order, torch.arange(self.n, device=order.device).expand_as(order))
         self.selectors = scores.shape[0]
         self.group_size = self.selectors // self.kv_heads  # selectors per KV group
-        self.assign: list[torch.Tensor] = []  # per group, (2, n): K and V entry of each token, -1 if not built
+        self.union_rank = self.rank.view(self.kv_heads, self.group_size, self.n).amin(dim=1)  # (kv_heads, n)
+        ranks = self.union_rank.cpu()
+        self._row_ranks = np.sort(ranks.flatten().numpy())
+        self._group_ranks = np.sort(ranks.numpy(), axis=1)
+        self._entry_ranks: list[np.ndarray] = []  # per part (K, V): sorted first-use ranks of the entries
         self.books: list[tuple[cb.Codebook, cb.Codebook, torch.Tensor]] = []
-
-    def selected(self, keep: int) -> torch.Tensor:
-        """(selectors, n) bool: which tokens each head (or group) keeps."""
-        return self.rank < keep
-
-    def union(self, keep: int) -> torch.Tensor:
-        """(kv_heads, n) bool: tokens kept by any head of each group."""
-        return self.selected(keep).view(self.kv_heads, self.group_size, self.n).any(dim=1)
 
     def prepare(self, keep: int) -> None:
         """Build the codebooks of the largest selection considered."""
         if not self.press.codebook:
             return
-        union = self.union(keep)
-        self.books, self.assign = [], []
+        union = self.union_rank < keep
+        self.books, firsts = [], ([], [])
         for g in range(self.kv_heads):
             rows = torch.nonzero(union[g]).flatten()
             book_k = cb.build(self._prerope_keys(g, rows), self.press.theta_k)
             book_v = cb.build(self.layer.values[0, g, rows], self.press.theta_v)
-            assign = torch.full((2, self.n), -1, dtype=torch.long, device=rows.device)
-            assign[0, rows], assign[1, rows] = book_k.index, book_v.index
             self.books.append((book_k, book_v, rows))
-            self.assign.append(assign)
+            for part, book in enumerate((book_k, book_v)):
+                first = torch.full((len(book.entries),), self.n, dtype=self.union_rank.dtype, device=rows.device)
+                firsts[part].append(first.scatter_reduce(0, book.index, self.union_rank[g, rows], "amin"))
+        self._entry_ranks = [np.sort(torch.cat(first).cpu().numpy()) for first in firsts]
 
     def _prerope_keys(self, g: int, rows: torch.Tensor) -> torch.Tensor:
         """Keys of ``rows`` with RoPE undone, interleaved (see :mod:`ctxpress.kv.rope`)."""
         keys = interleave(self.layer.keys[0, g, rows])
         return unrotate(keys, phases(self.rotary, rows, keys, self.n))
 
-    def _layout(self, keep: int) -> tuple[int, list[int | None]]:
-        """Rows stored for ``keep``, and per part (K, V) the bytes coded, or None to store it densely.
+    def _layout(self, keep: int) -> tuple[int, int, list[int | None]]:
+        """Rows stored for ``keep``, columns per group, and per part (K, V) the bytes coded, or None for dense.
 
         A part is coded when its codebook makes it smaller than storing the
         rows as they are (always, with ``dense_fallback=False``); coded keys
         also pay for their positions.
         """
-        union = self.union(keep)
-        rows = int(union.sum())
+        rows = int(np.searchsorted(self._row_ranks, keep))
+        columns = max(int(np.searchsorted(ranks, keep)) for ranks in self._group_ranks)
         if not self.press.codebook:
-            return rows, [None, None]
+            return rows, columns, [None, None]
         dense = rows * self.dim * self.itemsize
         layout: list[int | None] = []
         for part in (0, 1):
-            count = sum(int(torch.unique(self.assign[g][part, union[g]]).numel()) for g in range(self.kv_heads))
+            count = int(np.searchsorted(self._entry_ranks[part], keep))
             coded = count * (self.dim * self.itemsize + 1)  # entries and their group tags
             coded += rows * (dtype_size(index_dtype(count)) + self.itemsize)  # index and magnitude per row
             coded += rows * 4 if part == 0 else 0  # positions, to re-apply RoPE
             layout.append(coded if coded < dense or not self.press.dense_fallback else None)
-        return rows, layout
+        return rows, columns, layout
 
     def nbytes(self, keep: int) -> int:
         """Exact bytes of the store :meth:`store` would build for ``keep``."""
-        rows, layout = self._layout(keep)
-        total = self.selectors * keep * dtype_size(index_dtype(rows))  # each head's row list
-        total += self.selectors * 2  # each head's KV group (int16), to list new rows
+        rows, columns, layout = self._layout(keep)
+        total = self.kv_heads * columns * dtype_size(index_dtype(rows))  # each group's row per column
+        total += self.selectors * columns  # which columns each head sees (bool)
+        total += self.kv_heads * dtype_size(index_dtype(rows))  # where a new token's rows go
         return total + sum(rows * self.dim * self.itemsize if coded is None else coded for coded in layout)
 
     def store(self, keep: int) -> HeadwiseStore:
         """The compressed layer for ``keep`` tokens per head."""
         if self.press.codebook and not self.books:
             self.prepare(keep)
-        union = self.union(keep)
+        union = self.union_rank < keep
         tokens = [torch.nonzero(union[g]).flatten() for g in range(self.kv_heads)]
-        offsets = [0]
-        for t in tokens:
-            offsets.append(offsets[-1] + len(t))
-        # each selector's kept tokens, as rows of its group's block of the flat layout
-        where = torch.cumsum(union.long(), dim=1) - 1 + torch.tensor(offsets[:-1], device=union.device)[:, None]
-        selected = self.selected(keep)
-        group_of = torch.arange(self.selectors, device=union.device) // self.group_size
-        select = torch.stack([where[group_of[s]][selected[s]] for s in range(self.selectors)])
-        select = select.to(index_dtype(offsets[-1]))
-        _, layout = self._layout(keep)
+        sizes = torch.tensor([len(t) for t in tokens], device=union.device)
+        rows, columns, layout = self._layout(keep)
+        # group g's rows follow the rows of the groups before it; narrower groups repeat their
+        # first token up to the widest one, in columns no head sees
+        offsets = torch.cumsum(sizes, 0) - sizes
+        column = torch.arange(columns, device=union.device)
+        used = column[None, :] < sizes[:, None]  # (kv_heads, columns)
+        within = torch.where(used, column[None, :], 0)
+        slots = (offsets[:, None] + within).to(index_dtype(rows))
+        token_of = torch.stack([t[w] for t, w in zip(tokens, within)])  # (kv_heads, columns)
+        ranks = self.rank.view(self.kv_heads, self.group_size, self.n)
+        seen = ranks.gather(2, token_of[:, None, :].expand(-1, self.group_size, -1)) < keep
+        visible = (seen & used[:, None, :]).reshape(self.selectors, columns)
         parts = []
         for part, (dense, theta) in enumerate(((self.layer.keys, self.press.theta_k),
                                                (self.layer.values, self.press.theta_v))):
@@ -212,8 +221,7 @@ class _LayerPlan:
             else:
                 parts.append(self._coded(tokens, part, theta))
         positions = torch.cat(tokens).to(torch.int32) if isinstance(parts[0], CodedRows) else None
-        return HeadwiseStore(parts[0], parts[1], positions, select, self.kv_heads, self.rotary,
-                             self.press.encode_every)
+        return HeadwiseStore(parts[0], parts[1], positions, slots, visible, self.rotary, self.press.encode_every)
 
     def _coded(self, tokens: list[torch.Tensor], part: int, theta: float) -> CodedRows:
         """Keys (``part`` 0) or values (1) of the kept tokens, coded with only the entries they use."""

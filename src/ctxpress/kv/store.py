@@ -6,11 +6,12 @@
 * :class:`HeadwiseStore` - SpindleKV's layout (batch 1). For each KV group,
   the *union* of the tokens its query heads keep is stored once, as "rows":
   densely (post-RoPE keys) or as codebook index + magnitude (pre-RoPE keys,
-  with positions). Each query head (or KV head, without per-head selection)
-  has the list of rows it sees; tokens added while decoding are seen by every
-  head of their group. Rows and codebook entries of all groups live in flat
-  tensors so that one decoding step is a handful of tensor operations per
-  layer, not a loop over groups.
+  with positions). Attention runs over each group's rows as one key block,
+  with a mask of the rows each query head (or KV head, without per-head
+  selection) keeps; tokens added while decoding are seen by every head of
+  their group. Rows and codebook entries of all groups live in flat tensors
+  so that one decoding step is a handful of tensor operations per layer,
+  not a loop over heads.
 
 Stores rebuild attention-ready tensors on demand (:meth:`materialize`) and
 never keep them: what stays in memory between steps is what ``nbytes``
@@ -74,8 +75,25 @@ class DenseRows:
     def add(self, vectors: torch.Tensor, groups: torch.Tensor) -> None:
         self.data = torch.cat([self.data, vectors.to(self.data.dtype)])
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype
+
+    @property
+    def width(self) -> int:
+        return self.data.shape[-1]
+
     def decode(self) -> torch.Tensor:
         return self.data
+
+    def decode_into(self, rows: torch.Tensor, out: torch.Tensor, factors: torch.Tensor | None = None) -> None:
+        """Write ``rows`` (groups * m, group-major) into ``out`` (groups, m, d): one gather, or one per group."""
+        if out.is_contiguous():
+            torch.index_select(self.data, 0, rows, out=out.view(-1, out.shape[-1]))
+            return
+        m = out.shape[1]
+        for g in range(out.shape[0]):
+            torch.index_select(self.data, 0, rows[g * m : (g + 1) * m], out=out[g])
 
     def nbytes(self) -> int:
         return _nbytes(self.data)
@@ -123,19 +141,39 @@ class CodedRows:
         self.index = torch.cat([self.index, index]).to(index_dtype(count))
         self.magnitude = torch.cat([self.magnitude, norms.to(self.magnitude.dtype)])
 
-    def decode(self, factors: torch.Tensor | None = None) -> torch.Tensor:
-        """The rows; with complex ``factors`` (R, d/2), interleaved rows rotated by them as well.
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.entries.dtype
 
-        The rotation and the magnitude are one complex factor per row pair,
-        applied in a single multiplication after the codebook lookup.
+    @property
+    def width(self) -> int:
+        return self.entries.shape[-1]
+
+    def decode(self) -> torch.Tensor:
+        """All rows, (R, d)."""
+        out = self.entries.new_empty(1, len(self), self.width)
+        self.decode_into(torch.arange(len(self), device=self.index.device), out)
+        return out[0]
+
+    def decode_into(self, rows: torch.Tensor, out: torch.Tensor, factors: torch.Tensor | None = None) -> None:
+        """Write ``rows`` (groups * m, group-major) into ``out`` (groups, m, d), maybe a view of a larger buffer.
+
+        With complex ``factors`` (groups, m, d/2) the interleaved rows are also
+        rotated: rotation and magnitude are one complex factor per pair,
+        applied in the single multiplication that writes ``out``.
         """
-        index = self.index
+        index = self.index.index_select(0, rows)
+        magnitude = self.magnitude.index_select(0, rows).view(*out.shape[:2], 1)
         if factors is None:
-            return self.entries.index_select(0, index) * self.magnitude[:, None]
+            torch.mul(self.entries.index_select(0, index).view(out.shape), magnitude, out=out)
+            return
         entries = self.entries if self.entries.dtype in (torch.float32, torch.float64) else self.entries.float()
         z = torch.view_as_complex(entries.view(len(entries), -1, 2)).index_select(0, index)
-        rows = torch.view_as_real(z * (factors * self.magnitude[:, None].to(entries.dtype)))
-        return rows.view(len(index), -1).to(self.entries.dtype)
+        torch.view_as_real(factors).mul_(magnitude.to(entries.dtype)[..., None])  # real view: faster than complex
+        if out.dtype == entries.dtype:
+            torch.mul(z.view(factors.shape), factors, out=torch.view_as_complex(out.unflatten(-1, (-1, 2))))
+        else:
+            out.copy_(torch.view_as_real(z.view(factors.shape) * factors).flatten(-2))
 
     def nbytes(self) -> int:
         return _nbytes(self.entries, self.entry_group, self.index, self.magnitude)
@@ -144,84 +182,104 @@ class CodedRows:
 class HeadwiseStore:
     """SpindleKV's layout for one layer, batch size 1 (see the module docstring).
 
-    Tokens arriving while decoding first become plain rows in a small dense
-    tail (post-RoPE), already listed in every head's rows of their group;
-    every ``encode_every`` tokens the tail is encoded in one batch. Rows keep
-    their numbers when that happens, so the head lists never change.
+    Column ``c`` of group ``g`` is row ``slots[g, c]``; query head (or KV
+    head) ``s`` attends to the columns where ``visible[s]`` is true. Groups
+    narrower than the widest repeat a row in columns no head sees. Tokens
+    arriving while decoding are one new column each, seen by every head;
+    they wait as plain post-RoPE vectors in a small dense tail, and every
+    ``encode_every`` tokens the tail is encoded in one batch into the rows
+    already listed for it.
     """
 
     def __init__(self, keys: DenseRows | CodedRows, values: DenseRows | CodedRows, positions: torch.Tensor | None,
-                 select: torch.Tensor, kv_heads: int, rotary: torch.nn.Module | None, encode_every: int = 64) -> None:
+                 slots: torch.Tensor, visible: torch.Tensor, rotary: torch.nn.Module | None,
+                 encode_every: int = 64) -> None:
         self.keys, self.values = keys, values  # coded keys are pre-RoPE and interleaved
         # Coded keys come back interleaved (see ctxpress.kv.rope); so must the tail and the queries.
         self.interleaved = isinstance(keys, CodedRows)
         self.positions = positions  # (R,) int32, to re-apply RoPE to coded keys
-        self.select = select  # (selectors, tokens): rows each query head (or KV head) sees
-        self.kv_heads = kv_heads
+        self.slots = slots  # (kv_heads, columns): the row in each group's column
+        self.visible = visible  # (selectors, columns) bool: the columns each query head (or KV head) sees
+        self.kv_heads = slots.shape[0]
         self.rotary = rotary
         self.encode_every = encode_every
         self.upto = int(positions.max()) + 1 if positions is not None and len(positions) else 0
-        d = keys.decode().shape[-1] if len(keys) else 0
-        dtype = values.decode().dtype
-        self.tail_keys = select.new_zeros(0, d, dtype=dtype)  # (t * kv_heads, d), post-RoPE, token-major
-        self.tail_values = select.new_zeros(0, d, dtype=dtype)
-        self.tail_positions = select.new_zeros(0, dtype=torch.int32)  # one per tail token
-        # KV group of each selector, as a column: new rows are listed for every head of their group
-        self.group_column = (torch.arange(select.shape[0], device=select.device)[:, None]
-                             // (select.shape[0] // kv_heads)).to(torch.int16)
+        # a head that keeps every token needs no mask; new tokens are seen by all heads, so this lasts
+        self.masked = not bool(visible.all())
+        # plus the row count: the rows of a new token
+        self.group_rows = torch.arange(self.kv_heads, device=slots.device, dtype=slots.dtype)[:, None]
+        d = keys.width
+        self.tail_keys = slots.new_zeros(self.kv_heads, 0, d, dtype=values.dtype)  # (kv_heads, t, d), post-RoPE
+        self.tail_values = slots.new_zeros(self.kv_heads, 0, d, dtype=values.dtype)
+        self.tail_start = 0  # position of the first tail token; the tail's positions are consecutive
 
     def __len__(self) -> int:
-        return self.select.shape[1]
+        return self.slots.shape[1]
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, position: int) -> None:
         """Add ``n`` new tokens, the first at sequence ``position``."""
-        kv_heads, n, d = keys.shape[1], keys.shape[2], keys.shape[3]
-        positions = torch.arange(position, position + n, device=keys.device, dtype=torch.int32)
-        start = len(self.keys) + len(self.tail_keys)
-        rows = keys[0].transpose(0, 1).reshape(n * kv_heads, d)  # token-major: row = start + t * kv + g
-        self.tail_keys = torch.cat([self.tail_keys, interleave(rows) if self.interleaved else rows])
-        self.tail_values = torch.cat([self.tail_values, values[0].transpose(0, 1).reshape(n * kv_heads, d)])
-        self.tail_positions = torch.cat([self.tail_positions, positions])
+        kv_heads, n = keys.shape[1], keys.shape[2]
+        waiting = self.tail_keys.shape[1]
+        if not waiting:
+            self.tail_start = position
+        start = len(self.keys) + waiting * kv_heads  # rows are numbered token-major: start + t * kv + g
+        self.tail_keys = torch.cat([self.tail_keys, keys[0]], dim=1)
+        self.tail_values = torch.cat([self.tail_values, values[0]], dim=1)
         self.upto = max(self.upto, position + n)  # from Python ints: no device sync per step
-        if n == 1:
-            new = self.group_column + start
-        else:
-            new = start + torch.arange(n, device=keys.device)[None, :] * kv_heads + self.group_column
-        total = start + n * kv_heads
-        dtype = index_dtype(total)
-        self.select = torch.cat([self.select if self.select.dtype == dtype else self.select.to(dtype),
-                                 new.to(dtype)], dim=1)
-        if len(self.tail_positions) >= self.encode_every:
+        new = self.group_rows + start
+        if n > 1:
+            new = new + torch.arange(n, device=keys.device)[None, :] * kv_heads
+        dtype = index_dtype(start + n * kv_heads)
+        self.slots = torch.cat([self.slots if self.slots.dtype == dtype else self.slots.to(dtype), new.to(dtype)], 1)
+        self.visible = torch.nn.functional.pad(self.visible, (0, n), value=True)
+        if waiting + n >= self.encode_every:
             self._encode_tail()
 
     def _encode_tail(self) -> None:
-        """Encode the tail rows (K pre-RoPE) and make them ordinary rows, same numbers."""
-        k = self.tail_keys
-        groups = torch.arange(self.kv_heads, device=k.device).repeat(len(self.tail_positions))
-        positions = self.tail_positions.repeat_interleave(self.kv_heads)
+        """Encode the tail rows (K pre-RoPE) and make them ordinary rows, with the numbers listed for them."""
+        kv_heads, t, d = self.tail_keys.shape
+        k = self.tail_keys.transpose(0, 1).reshape(t * kv_heads, d)
+        v = self.tail_values.transpose(0, 1).reshape(t * kv_heads, d)
+        groups = torch.arange(kv_heads, device=k.device).repeat(t)
+        positions = torch.arange(self.tail_start, self.tail_start + t, device=k.device,
+                                 dtype=torch.int32).repeat_interleave(kv_heads)
         if self.interleaved:
+            k = interleave(k)
             k = unrotate(k, phases(self.rotary, positions, k, self.upto))
         self.keys.add(k, groups)
-        self.values.add(self.tail_values, groups)
+        self.values.add(v, groups)
         if self.positions is not None:
             self.positions = torch.cat([self.positions, positions])
-        self.tail_keys, self.tail_values = self.tail_keys[:0], self.tail_values[:0]
-        self.tail_positions = self.tail_positions[:0]
+        self.tail_keys, self.tail_values = self.tail_keys[:, :0], self.tail_values[:, :0]
 
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys (post-RoPE) and values, (1, selectors, tokens, d)."""
+        """Keys (post-RoPE) and values, (1, kv_heads, columns, d); :attr:`mask` masks them per head."""
+        kv_heads, columns = self.slots.shape
+        waiting = self.tail_keys.shape[1]  # the tail is the last columns
+        stored = columns - waiting
+        rows = self.slots[:, :stored].reshape(-1)  # group-major
+        k = self.tail_keys.new_empty(kv_heads, columns, self.keys.width)
+        v = self.tail_values.new_empty(kv_heads, columns, self.values.width)
+        factors = None
         if self.interleaved:
-            k = self.keys.decode(phases(self.rotary, self.positions, self.keys.entries, self.upto))
-        else:
-            k = self.keys.decode()
-        v = self.values.decode()
-        if len(self.tail_keys):
-            k, v = torch.cat([k, self.tail_keys]), torch.cat([v, self.tail_values])
-        selectors, tokens = self.select.shape
-        rows = self.select.reshape(-1)
-        return (k.index_select(0, rows).view(1, selectors, tokens, -1),
-                v.index_select(0, rows).view(1, selectors, tokens, -1))
+            where = self.positions.index_select(0, rows)
+            factors = phases(self.rotary, where, k, self.upto).view(kv_heads, stored, -1)
+        self.keys.decode_into(rows, k[:, :stored], factors)
+        self.values.decode_into(rows, v[:, :stored])
+        if waiting:
+            if self.interleaved:  # one strided copy that also interleaves the pairs
+                half = k.shape[-1] // 2
+                k[:, stored:].unflatten(-1, (half, 2)).copy_(self.tail_keys.unflatten(-1, (2, half)).transpose(-1, -2))
+            else:
+                k[:, stored:] = self.tail_keys
+            v[:, stored:] = self.tail_values
+        return k[None], v[None]
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """:attr:`visible`, or None where every head sees every column."""
+        return self.visible if self.masked else None
 
     def nbytes(self) -> int:
         return (self.keys.nbytes() + self.values.nbytes() + _nbytes(
-            self.positions, self.select, self.tail_keys, self.tail_values, self.tail_positions, self.group_column))
+            self.positions, self.slots, self.visible, self.tail_keys, self.tail_values, self.group_rows))
