@@ -175,8 +175,14 @@ def dense_algorithm_1(vectors: torch.Tensor, theta: float) -> tuple[list[int], l
     return exemplars, assign
 
 
+@pytest.mark.parametrize("banded", [False, True], ids=["tiles", "banded"])
 @pytest.mark.parametrize("theta", [0.9, 0.98])
-def test_codebook_build_equals_the_dense_algorithm(theta):
+def test_codebook_build_equals_the_dense_algorithm(theta, banded, monkeypatch):
+    if banded:  # small sets skip the pruning by projection: force it, with several tiles
+        monkeypatch.setattr(cb, "BANDED_FROM", 0)
+        monkeypatch.setattr(cb, "BANDED_TILE", 32)
+    else:
+        monkeypatch.setattr(cb, "TILE", 64)
     torch.manual_seed(3)
     centres = torch.randn(12, 16, dtype=torch.float64)
     vectors = centres[torch.randint(0, 12, (300,))] + 0.15 * torch.randn(300, 16, dtype=torch.float64)
@@ -508,3 +514,18 @@ def test_press_with_budget_defaults_and_refusals():
                                 ("snapkv", {"ratio": 0.5, "options": {"ratio": 0.3}}, "given twice")]:
         with pytest.raises(InputError, match=match):
             press_with_budget(name, **kwargs)
+
+
+@pytest.mark.parametrize("template", [None, "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                                            "<|im_end|>\n{% endfor %}<|im_start|>assistant\n"])
+def test_prompt_parts_depend_only_on_their_own_text(template):
+    from ctxpress.kv.generation import prompt_ids, question_ids
+
+    from conftest import make_tokenizer
+
+    tok = make_tokenizer()
+    tok.chat_template = template
+    first, second = prompt_ids(tok, "A context about lighthouses.", "Who built it?")
+    assert torch.equal(second, question_ids(tok, "Who built it?"))  # questions are tokenized without the context
+    assert torch.equal(first, prompt_ids(tok, "A context about lighthouses.", "Something else?")[0])
+    assert not torch.equal(second, question_ids(tok, "Who paid for it?"))
