@@ -5,9 +5,9 @@ Output has one line per input line, in order: the input's line number (and
 that line could not be compressed (invalid JSON, missing field, empty text,
 budget too large...). A run appends to its output and, started again, skips
 the lines already written, so an interrupted job resumes. Lines are
-processed by ``--workers`` local processes or, with ``--engine ray``, by Ray
-Data actors (a local Ray by default, ``--ray-address`` for a cluster); both
-give the same output. Wall-clock ``seconds`` are left out of the lines, so
+processed by ``--workers`` local processes or, with ``--engine ray``, by as
+many Ray actors, each loading the model once (a local Ray by default,
+``--ray-address`` for a cluster); both give the same output. Wall-clock ``seconds`` are left out of the lines, so
 the output depends only on the input and the settings.
 """
 
@@ -24,7 +24,7 @@ from .errors import CtxpressError, InputError
 from .jsonl import complete_lines
 from .progress import progress_bar
 
-CHUNK_LINES = 2048  # lines handed to Ray at a time
+CHUNK_LINES = 2048  # lines queued for the Ray actors at a time
 
 
 @dataclass(frozen=True)
@@ -147,30 +147,30 @@ def _results(job: BatchJob, pending: Iterator[tuple[int, str]]) -> Iterator[str]
             yield from pool.imap(_work, pending, chunksize=1)
 
 
+class _RayLineWorker:
+    """A Ray actor holding one :class:`LineCompressor` (one model load per actor)."""
+
+    def __init__(self, spec: dict) -> None:
+        self.compress = LineCompressor(BatchJob(**spec))
+
+    def run(self, number: int, raw: str) -> str:
+        return self.compress(number, raw)
+
+
 def _ray_results(job: BatchJob, pending: Iterator[tuple[int, str]]) -> Iterator[str]:
+    """Lines through ``job.workers`` Ray actors, started once and fed in order, chunk by chunk."""
     try:
         import ray
+        from ray.util import ActorPool
     except ImportError as exc:
-        raise CtxpressError("--engine ray needs Ray: pip install 'ray[data]'") from exc
+        raise CtxpressError("--engine ray needs Ray: pip install ray") from exc
     ray.init(address=job.ray_address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True
-    context.enable_progress_bars = False
-    spec = asdict(job)
-
-    class RayWorker:
-        def __init__(self) -> None:
-            self.compress = LineCompressor(BatchJob(**spec))
-
-        def __call__(self, batch: dict) -> dict:
-            return {"out": [self.compress(int(n), str(raw)) for n, raw in zip(batch["line"], batch["raw"])]}
-
-    while True:
-        chunk = list(islice(pending, CHUNK_LINES))
-        if not chunk:
-            return
-        data = ray.data.from_items([{"line": n, "raw": raw} for n, raw in chunk])
-        done = data.map_batches(RayWorker, batch_size=1, concurrency=job.workers,
-                                num_cpus=job.threads, batch_format="numpy")
-        for row in done.iter_rows():
-            yield row["out"]
+    worker = ray.remote(num_cpus=job.threads)(_RayLineWorker)
+    actors = [worker.remote(asdict(job)) for _ in range(job.workers)]
+    pool = ActorPool(actors)
+    try:
+        while chunk := list(islice(pending, CHUNK_LINES)):  # bounded memory: one chunk in flight
+            yield from pool.map(lambda actor, item: actor.run.remote(*item), chunk)
+    finally:
+        for actor in actors:
+            ray.kill(actor)

@@ -223,6 +223,14 @@ def create_app(lm: LoadedModel, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_
                 "prompt_tokens_before_compression": int(plan["before"]),
                 "kv_cache_bytes": ctx.cache_bytes, "kv_full_cache_bytes": ctx.full_cache_bytes}
 
+    def answer(body: ChatBody, plan: dict, **generate_options) -> tuple[CompressedContext, torch.Tensor]:
+        """Prefill all but the prompt's last token into the planned cache, then generate (model lock held)."""
+        with lm.lock:
+            ctx = CompressedContext(lm, plan["ids"][:, :-1], plan["press"])
+            new, _ = ctx.generate(plan["ids"][:, -1:], plan["limit"], temperature=body.temperature,
+                                  top_p=body.top_p, **generate_options)
+        return ctx, new
+
     @app.post("/v1/chat/completions")
     def chat(body: ChatBody):
         plan = prepare(body)
@@ -230,9 +238,7 @@ def create_app(lm: LoadedModel, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_
         name = body.model or lm.name
         if body.stream:
             return StreamingResponse(stream(body, plan, ident, created, name), media_type="text/event-stream")
-        with lm.lock:
-            ctx = CompressedContext(lm, plan["ids"][:, :-1], plan["press"])
-            new, _ = ctx.generate(plan["ids"][:, -1:], plan["limit"], temperature=body.temperature, top_p=body.top_p)
+        ctx, new = answer(body, plan)
         return {
             "id": ident, "object": "chat.completion", "created": created, "model": name,
             "choices": [{"index": 0, "message": {"role": "assistant",
@@ -248,12 +254,8 @@ def create_app(lm: LoadedModel, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_
 
         def work() -> None:
             try:
-                with lm.lock:
-                    ctx = CompressedContext(lm, plan["ids"][:, :-1], plan["press"])
-                    outcome["ctx"] = ctx
-                    outcome["new"], _ = ctx.generate(plan["ids"][:, -1:], plan["limit"], streamer=streamer,
-                                                     temperature=body.temperature, top_p=body.top_p,
-                                                     stopping=StoppingCriteriaList([_Cancelled(cancelled)]))
+                outcome["ctx"], outcome["new"] = answer(
+                    body, plan, streamer=streamer, stopping=StoppingCriteriaList([_Cancelled(cancelled)]))
             except Exception as exc:  # reported to the client as a final error event
                 outcome["error"] = exc
                 streamer.end()

@@ -89,6 +89,11 @@ def prompt_ids(tokenizer, context: str, question: str) -> tuple[torch.Tensor, to
     return first, second
 
 
+def question_ids(tokenizer, question: str) -> torch.Tensor:
+    """The question part of :func:`prompt_ids`, which does not depend on the context."""
+    return prompt_ids(tokenizer, "", question)[1]
+
+
 class CompressedContext:
     """A prompt prefix prefilled once into a cache compressed by ``press``.
 
@@ -168,21 +173,21 @@ def answer_questions(
     if max_new_tokens < 1:
         raise InputError("max_new_tokens must be at least 1")
     tok = lm.tokenizer
-    context_ids, _ = prompt_ids(tok, context, questions[0])
+    context_ids = prompt_ids(tok, context, "")[0]  # tokenized once, for every question
     results = []
     with lm.lock, PeakMemory(lm.device) as peak:
         shared = None if question_aware else CompressedContext(lm, context_ids, press)
         for question in questions:
-            _, question_ids = prompt_ids(tok, context, question)
-            total = context_ids.shape[1] + question_ids.shape[1]
+            asked = question_ids(tok, question)
+            total = context_ids.shape[1] + asked.shape[1]
             if total + max_new_tokens > lm.max_positions:
                 raise InputError(f"context, question and answer need {total + max_new_tokens} tokens; "
                                  f"the model handles {lm.max_positions}")
             if question_aware:  # the question's last token is left out of the prefill for generate to feed
-                full = torch.cat([context_ids, question_ids], dim=1)
+                full = torch.cat([context_ids, asked], dim=1)
                 ctx, suffix = CompressedContext(lm, full[:, :-1], press), full[:, -1:]
             else:
-                ctx, suffix = shared, question_ids
+                ctx, suffix = shared, asked
             new, speed = ctx.generate(suffix, max_new_tokens, min_new_tokens)
             results.append(GenerationResult(
                 answer=tok.decode(new, skip_special_tokens=True).strip(),
