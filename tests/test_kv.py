@@ -284,6 +284,26 @@ def test_codebook_used_only_where_it_saves_bytes(tokenizer, prompt):
     assert cache.layers[-1].nbytes() <= forced.layers[-1].nbytes()
 
 
+def test_min_saving_codes_only_parts_that_save_enough(tokenizer, prompt):
+    from conftest import make_model
+
+    model = make_model(len(tokenizer), kv_heads=2)
+    with torch.no_grad():  # layer 0's keys all point the same way: its key codebook saves almost everything
+        model.model.layers[0].self_attn.k_proj.weight[:] = model.model.layers[0].self_attn.k_proj.weight[:1]
+    forced = compressed(model, SpindleKV(ratio=0.3, dense_fallback=False, min_saving=1.0), prompt)
+    assert all(isinstance(layer.store.keys, CodedRows) for layer in forced.layers)  # no fallback: the bar is moot
+    coded = {}
+    for bar in (0.0, 0.5, 1.0):
+        cache = compressed(model, SpindleKV(ratio=0.3, min_saving=bar), prompt)
+        assert cache.nbytes() <= 0.3 * cache.dense_nbytes()
+        coded[bar] = [isinstance(layer.store.keys, CodedRows) for layer in cache.layers]
+    assert coded[0.5][0] and not any(coded[0.5][1:])  # only the collapsed layer saves half its bytes
+    assert not any(coded[1.0])  # no codebook saves everything: all dense
+    assert sum(coded[0.0]) >= sum(coded[0.5])
+    with pytest.raises(InputError, match="min_saving"):
+        SpindleKV(ratio=0.3, min_saving=1.5)
+
+
 def test_spindlekv_per_head_selection_is_per_query_head(tiny_lm, prompt):
     cache = compressed(tiny_lm.model, SpindleKV(ratio=0.3, codebook=False), prompt)
     store = cache.layers[-1].store

@@ -47,6 +47,7 @@ class SpindleKV(PyramidKV):
     theta_v: float = 0.95
     encode_every: int = 64  # decoded tokens held dense before they are encoded together
     dense_fallback: bool = True  # store a layer's K or V densely where its codebook would not save bytes
+    min_saving: float = 0.0  # with the fallback: code a part only if it saves this fraction of its dense bytes
     name: ClassVar[str] = "spindlekv"
 
     def __post_init__(self) -> None:
@@ -55,6 +56,8 @@ class SpindleKV(PyramidKV):
                              "so it takes no ratio or token budget")
         if not self.evict and not self.codebook:
             raise InputError("spindlekv with neither eviction nor codebook would not compress")
+        if not 0 <= self.min_saving <= 1:
+            raise InputError("min_saving is a fraction of a part's dense bytes, in [0, 1]")
         for name in ("theta_k", "theta_v"):
             if not -1 <= getattr(self, name) <= 1:
                 raise InputError(f"{name} must be a cosine similarity in [-1, 1]")
@@ -169,8 +172,10 @@ class _LayerPlan:
         """Rows stored for ``keep``, columns per group, and per part (K, V) the bytes coded, or None for dense.
 
         A part is coded when its codebook makes it smaller than storing the
-        rows as they are (always, with ``dense_fallback=False``); coded keys
-        also pay for their positions.
+        rows as they are, by more than ``min_saving`` of the dense size
+        (always, with ``dense_fallback=False``): dense rows are read as they
+        are at each step, coded ones rebuilt. Coded keys also pay for their
+        positions.
         """
         rows = int(np.searchsorted(self._row_ranks, keep))
         columns = max(int(np.searchsorted(ranks, keep)) for ranks in self._group_ranks)
@@ -183,7 +188,8 @@ class _LayerPlan:
             coded = count * (self.dim * self.itemsize + 1)  # entries and their group tags
             coded += rows * (dtype_size(index_dtype(count)) + self.itemsize)  # index and magnitude per row
             coded += rows * 4 if part == 0 else 0  # positions, to re-apply RoPE
-            layout.append(coded if coded < dense or not self.press.dense_fallback else None)
+            worth = coded < dense and coded <= (1 - self.press.min_saving) * dense
+            layout.append(coded if worth or not self.press.dense_fallback else None)
         return rows, columns, layout
 
     def nbytes(self, keep: int) -> int:
