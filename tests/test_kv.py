@@ -329,9 +329,11 @@ def test_decode_growth_is_bounded(tiny_lm, prompt):
         out = greedy(tiny_lm.model, prompt, past_key_values=cache, min_new_tokens=12)
         new = out.shape[1] - N
         # a new token costs at most its dense size plus, per layer and KV head, the
-        # codebook's index and magnitude for K and V, its position and its row ids
+        # codebook's index and magnitude for K and V, its position, its row number
+        # and one mask byte for each query head of the group
         layers, kv_heads = len(cache.layers), cache.layers[0].kv_heads
-        meta = 2 * (4 + 4) + 4 + 2 * 4  # K and V: index and magnitude; position; row id in each head's list
+        group = tiny_lm.model.config.num_attention_heads // kv_heads
+        meta = 2 * (4 + 4) + 4 + 4 + group
         per_token = dense_prompt / (N - 1) + layers * kv_heads * meta
         assert cache.get_seq_length() == N + new - 1  # the last token is never fed back
         assert cache.nbytes() <= after_prefill + (new + 1) * per_token

@@ -7,8 +7,9 @@ budget too large...). A run appends to its output and, started again, skips
 the lines already written, so an interrupted job resumes. Lines are
 processed by ``--workers`` local processes or, with ``--engine ray``, by as
 many Ray actors, each loading the model once (a local Ray by default,
-``--ray-address`` for a cluster); both give the same output. Wall-clock ``seconds`` are left out of the lines, so
-the output depends only on the input and the settings.
+``--ray-address`` for a cluster); both give the same output. Wall-clock
+``seconds`` are left out of the lines, so the output depends only on the
+input and the settings.
 """
 
 from __future__ import annotations

@@ -141,9 +141,7 @@ class _LayerPlan:
         self.selectors = scores.shape[0]
         self.group_size = self.selectors // self.kv_heads  # selectors per KV group
         self.union_rank = self.rank.view(self.kv_heads, self.group_size, self.n).amin(dim=1)  # (kv_heads, n)
-        ranks = self.union_rank.cpu()
-        self._row_ranks = np.sort(ranks.flatten().numpy())
-        self._group_ranks = np.sort(ranks.numpy(), axis=1)
+        self._group_ranks = np.sort(self.union_rank.cpu().numpy(), axis=1)
         self._entry_ranks: list[np.ndarray] = []  # per part (K, V): sorted first-use ranks of the entries
         self.books: list[tuple[cb.Codebook, cb.Codebook, torch.Tensor]] = []
 
@@ -177,8 +175,8 @@ class _LayerPlan:
         are at each step, coded ones rebuilt. Coded keys also pay for their
         positions.
         """
-        rows = int(np.searchsorted(self._row_ranks, keep))
-        columns = max(int(np.searchsorted(ranks, keep)) for ranks in self._group_ranks)
+        sizes = [int(np.searchsorted(ranks, keep)) for ranks in self._group_ranks]  # each group's rows
+        rows, columns = sum(sizes), max(sizes)
         if not self.press.codebook:
             return rows, columns, [None, None]
         dense = rows * self.dim * self.itemsize
@@ -197,7 +195,6 @@ class _LayerPlan:
         rows, columns, layout = self._layout(keep)
         total = self.kv_heads * columns * dtype_size(index_dtype(rows))  # each group's row per column
         total += self.selectors * columns  # which columns each head sees (bool)
-        total += self.kv_heads * dtype_size(index_dtype(rows))  # where a new token's rows go
         return total + sum(rows * self.dim * self.itemsize if coded is None else coded for coded in layout)
 
     def store(self, keep: int) -> HeadwiseStore:

@@ -63,8 +63,24 @@ class DenseStore:
         return _nbytes(self.keys, self.values)
 
 
-class DenseRows:
+class _Rows:
+    """Rows of ``d``-dimensional vectors in the model's dtype, both read off the tensor named ``_vectors``."""
+
+    _vectors: str
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(self, self._vectors).dtype
+
+    @property
+    def width(self) -> int:
+        return getattr(self, self._vectors).shape[-1]
+
+
+class DenseRows(_Rows):
     """Rows stored as they are, (R, d)."""
+
+    _vectors = "data"
 
     def __init__(self, data: torch.Tensor) -> None:
         self.data = data
@@ -74,17 +90,6 @@ class DenseRows:
 
     def add(self, vectors: torch.Tensor, groups: torch.Tensor) -> None:
         self.data = torch.cat([self.data, vectors.to(self.data.dtype)])
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.data.dtype
-
-    @property
-    def width(self) -> int:
-        return self.data.shape[-1]
-
-    def decode(self) -> torch.Tensor:
-        return self.data
 
     def decode_into(self, rows: torch.Tensor, out: torch.Tensor, factors: torch.Tensor | None = None) -> None:
         """Write ``rows`` (groups * m, group-major) into ``out`` (groups, m, d): one gather, or one per group."""
@@ -99,7 +104,7 @@ class DenseRows:
         return _nbytes(self.data)
 
 
-class CodedRows:
+class CodedRows(_Rows):
     """Rows stored as ``magnitude * entries[index]``, one codebook per KV group.
 
     The entries of all groups share one tensor and carry their group in
@@ -107,6 +112,8 @@ class CodedRows:
     those with no entry within ``theta`` get entries of their own from the
     same greedy build, run on them together.
     """
+
+    _vectors = "entries"
 
     def __init__(self, entries: torch.Tensor, entry_group: torch.Tensor, index: torch.Tensor,
                  magnitude: torch.Tensor, theta: float) -> None:
@@ -140,14 +147,6 @@ class CodedRows:
         self.entries, self.entry_group = torch.cat(entries), torch.cat(tags)
         self.index = torch.cat([self.index, index]).to(index_dtype(count))
         self.magnitude = torch.cat([self.magnitude, norms.to(self.magnitude.dtype)])
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.entries.dtype
-
-    @property
-    def width(self) -> int:
-        return self.entries.shape[-1]
 
     def decode(self) -> torch.Tensor:
         """All rows, (R, d)."""
@@ -206,8 +205,6 @@ class HeadwiseStore:
         self.upto = int(positions.max()) + 1 if positions is not None and len(positions) else 0
         # a head that keeps every token needs no mask; new tokens are seen by all heads, so this lasts
         self.masked = not bool(visible.all())
-        # plus the row count: the rows of a new token
-        self.group_rows = torch.arange(self.kv_heads, device=slots.device, dtype=slots.dtype)[:, None]
         d = keys.width
         self.tail_keys = slots.new_zeros(self.kv_heads, 0, d, dtype=values.dtype)  # (kv_heads, t, d), post-RoPE
         self.tail_values = slots.new_zeros(self.kv_heads, 0, d, dtype=values.dtype)
@@ -226,9 +223,8 @@ class HeadwiseStore:
         self.tail_keys = torch.cat([self.tail_keys, keys[0]], dim=1)
         self.tail_values = torch.cat([self.tail_values, values[0]], dim=1)
         self.upto = max(self.upto, position + n)  # from Python ints: no device sync per step
-        new = self.group_rows + start
-        if n > 1:
-            new = new + torch.arange(n, device=keys.device)[None, :] * kv_heads
+        new = (start + torch.arange(n, device=keys.device)[None, :] * kv_heads
+               + torch.arange(kv_heads, device=keys.device)[:, None])
         dtype = index_dtype(start + n * kv_heads)
         self.slots = torch.cat([self.slots if self.slots.dtype == dtype else self.slots.to(dtype), new.to(dtype)], 1)
         self.visible = torch.nn.functional.pad(self.visible, (0, n), value=True)
@@ -267,11 +263,7 @@ class HeadwiseStore:
         self.keys.decode_into(rows, k[:, :stored], factors)
         self.values.decode_into(rows, v[:, :stored])
         if waiting:
-            if self.interleaved:  # one strided copy that also interleaves the pairs
-                half = k.shape[-1] // 2
-                k[:, stored:].unflatten(-1, (half, 2)).copy_(self.tail_keys.unflatten(-1, (2, half)).transpose(-1, -2))
-            else:
-                k[:, stored:] = self.tail_keys
+            k[:, stored:] = interleave(self.tail_keys) if self.interleaved else self.tail_keys
             v[:, stored:] = self.tail_values
         return k[None], v[None]
 
@@ -282,4 +274,4 @@ class HeadwiseStore:
 
     def nbytes(self) -> int:
         return (self.keys.nbytes() + self.values.nbytes() + _nbytes(
-            self.positions, self.slots, self.visible, self.tail_keys, self.tail_values, self.group_rows))
+            self.positions, self.slots, self.visible, self.tail_keys, self.tail_values))
