@@ -29,7 +29,7 @@ from .cache import PressState
 from .presses import PyramidKV
 from .rope import interleave, phases, rotary_module, unrotate
 from .scores import group_mean
-from .store import CodedRows, DenseRows, HeadwiseStore, dtype_size, index_dtype
+from .store import CodedColumns, CodedKeys, DenseColumns, HeadwiseStore, dtype_size, index_dtype
 
 
 @dataclass
@@ -118,11 +118,15 @@ class SpindleKV(PyramidKV):
 class _LayerPlan:
     """One layer's candidate selections and the exact storage cost of each.
 
-    A selection is "each head keeps its ``keep`` best tokens". Token ``t``
-    enters group ``g``'s stored rows once ``keep`` exceeds its best rank
-    among the heads of ``g`` (``union_rank``), and a codebook entry is stored
-    once any of its vectors is; with those first-use ranks sorted, the size
-    of any selection is a few binary searches.
+    A selection is "each head keeps its ``keep`` best tokens". Group ``g``
+    needs the tokens whose best rank among its heads (``union_rank``) is
+    below ``keep``; every group stores as many columns as the widest one
+    needs, and a narrower group fills its columns with its next tokens by
+    union rank, seen by the heads that rank them that high (so its heads
+    keep a few more tokens, in bytes that would otherwise be padding). A
+    group's stored tokens are therefore always a prefix of one order, and a
+    codebook entry is stored once the prefix reaches its first vector: the
+    size of any selection is a few binary searches.
     """
 
     def __init__(self, layer, press: SpindleKV, window: int, rotary) -> None:
@@ -140,103 +144,106 @@ class _LayerPlan:
         self.rank.scatter_(1, order, torch.arange(self.n, device=order.device).expand_as(order))
         self.selectors = scores.shape[0]
         self.group_size = self.selectors // self.kv_heads  # selectors per KV group
-        self.union_rank = self.rank.view(self.kv_heads, self.group_size, self.n).amin(dim=1)  # (kv_heads, n)
-        self._group_ranks = np.sort(self.union_rank.cpu().numpy(), axis=1)
-        self._entry_ranks: list[np.ndarray] = []  # per part (K, V): sorted first-use ranks of the entries
-        self.books: list[tuple[cb.Codebook, cb.Codebook, torch.Tensor]] = []
+        union_rank = self.rank.view(self.kv_heads, self.group_size, self.n).amin(dim=1)  # (kv_heads, n)
+        self.order = union_rank.argsort(dim=1, stable=True)  # each group's tokens in the order they are stored
+        # sorted union ranks, then n (the bound of a group that stores every token)
+        self._sorted_union = np.pad(union_rank.gather(1, self.order).cpu().numpy(), ((0, 0), (0, 1)),
+                                    constant_values=self.n)
+        self._entry_firsts: list[np.ndarray] = []  # per part (K, V): sorted first columns of the entries
+        self.books: list[tuple[cb.Codebook, cb.Codebook]] = []  # per group, on its first `built` tokens
+        self.built = 0
+
+    def width(self, keep: int) -> int:
+        """Columns every group stores when each head keeps ``keep`` tokens."""
+        return max(int(np.searchsorted(ranks, keep)) for ranks in self._sorted_union)
 
     def prepare(self, keep: int) -> None:
         """Build the codebooks of the largest selection considered."""
         if not self.press.codebook:
             return
-        union = self.union_rank < keep
+        self.built = self.width(keep)
+        column = torch.arange(self.built, device=self.order.device)
         self.books, firsts = [], ([], [])
         for g in range(self.kv_heads):
-            rows = torch.nonzero(union[g]).flatten()
-            book_k = cb.build(self._prerope_keys(g, rows), self.press.theta_k)
-            book_v = cb.build(self.layer.values[0, g, rows], self.press.theta_v)
-            self.books.append((book_k, book_v, rows))
+            tokens = self.order[g, : self.built]
+            book_k = cb.build(self._prerope_keys(g, tokens), self.press.theta_k)
+            book_v = cb.build(self.layer.values[0, g, tokens], self.press.theta_v)
+            self.books.append((book_k, book_v))
             for part, book in enumerate((book_k, book_v)):
-                first = torch.full((len(book.entries),), self.n, dtype=self.union_rank.dtype, device=rows.device)
-                firsts[part].append(first.scatter_reduce(0, book.index, self.union_rank[g, rows], "amin"))
-        self._entry_ranks = [np.sort(torch.cat(first).cpu().numpy()) for first in firsts]
+                first = torch.full((len(book.entries),), self.built, dtype=column.dtype, device=column.device)
+                firsts[part].append(first.scatter_reduce(0, book.index, column, "amin"))
+        self._entry_firsts = [np.sort(torch.cat(first).cpu().numpy()) for first in firsts]
 
-    def _prerope_keys(self, g: int, rows: torch.Tensor) -> torch.Tensor:
-        """Keys of ``rows`` with RoPE undone, interleaved (see :mod:`ctxpress.kv.rope`)."""
-        keys = interleave(self.layer.keys[0, g, rows])
-        return unrotate(keys, phases(self.rotary, rows, keys, self.n))
+    def _prerope_keys(self, g: int, tokens: torch.Tensor) -> torch.Tensor:
+        """Keys of ``tokens`` with RoPE undone, interleaved (see :mod:`ctxpress.kv.rope`)."""
+        keys = interleave(self.layer.keys[0, g, tokens])
+        return unrotate(keys, phases(self.rotary, tokens, keys, self.n))
 
-    def _layout(self, keep: int) -> tuple[int, int, list[int | None]]:
-        """Rows stored for ``keep``, columns per group, and per part (K, V) the bytes coded, or None for dense.
+    def _layout(self, keep: int) -> tuple[int, list[int | None]]:
+        """Columns stored for ``keep`` and per part (K, V) the bytes coded, or None for dense.
 
         A part is coded when its codebook makes it smaller than storing the
-        rows as they are, by more than ``min_saving`` of the dense size
-        (always, with ``dense_fallback=False``): dense rows are read as they
+        vectors as they are, by more than ``min_saving`` of the dense size
+        (always, with ``dense_fallback=False``): dense parts are read as they
         are at each step, coded ones rebuilt. Coded keys also pay for their
         positions.
         """
-        sizes = [int(np.searchsorted(ranks, keep)) for ranks in self._group_ranks]  # each group's rows
-        rows, columns = sum(sizes), max(sizes)
+        columns = self.width(keep)
         if not self.press.codebook:
-            return rows, columns, [None, None]
-        dense = rows * self.dim * self.itemsize
+            return columns, [None, None]
+        cells = self.kv_heads * columns
+        dense = cells * self.dim * self.itemsize
         layout: list[int | None] = []
         for part in (0, 1):
-            count = int(np.searchsorted(self._entry_ranks[part], keep))
+            count = int(np.searchsorted(self._entry_firsts[part], columns))
             coded = count * (self.dim * self.itemsize + 1)  # entries and their group tags
-            coded += rows * (dtype_size(index_dtype(count)) + self.itemsize)  # index and magnitude per row
-            coded += rows * 4 if part == 0 else 0  # positions, to re-apply RoPE
+            coded += cells * (dtype_size(index_dtype(count)) + self.itemsize)  # index and magnitude per column
+            coded += cells * 4 if part == 0 else 0  # positions, to re-apply RoPE
             worth = coded < dense and coded <= (1 - self.press.min_saving) * dense
             layout.append(coded if worth or not self.press.dense_fallback else None)
-        return rows, columns, layout
+        return columns, layout
 
     def nbytes(self, keep: int) -> int:
         """Exact bytes of the store :meth:`store` would build for ``keep``."""
-        rows, columns, layout = self._layout(keep)
-        total = self.kv_heads * columns * dtype_size(index_dtype(rows))  # each group's row per column
-        total += self.selectors * columns  # which columns each head sees (bool)
-        return total + sum(rows * self.dim * self.itemsize if coded is None else coded for coded in layout)
+        columns, layout = self._layout(keep)
+        dense = self.kv_heads * columns * self.dim * self.itemsize
+        return self.selectors * columns + sum(dense if coded is None else coded for coded in layout)
 
     def store(self, keep: int) -> HeadwiseStore:
         """The compressed layer for ``keep`` tokens per head."""
-        if self.press.codebook and not self.books:
+        if self.press.codebook and self.width(keep) > self.built:
             self.prepare(keep)
-        union = self.union_rank < keep
-        tokens = [torch.nonzero(union[g]).flatten() for g in range(self.kv_heads)]
-        sizes = torch.tensor([len(t) for t in tokens], device=union.device)
-        rows, columns, layout = self._layout(keep)
-        # group g's rows follow the rows of the groups before it; narrower groups repeat their
-        # first token up to the widest one, in columns no head sees
-        offsets = torch.cumsum(sizes, 0) - sizes
-        column = torch.arange(columns, device=union.device)
-        used = column[None, :] < sizes[:, None]  # (kv_heads, columns)
-        within = torch.where(used, column[None, :], 0)
-        slots = (offsets[:, None] + within).to(index_dtype(rows))
-        token_of = torch.stack([t[w] for t, w in zip(tokens, within)])  # (kv_heads, columns)
+        columns, layout = self._layout(keep)
+        tokens = self.order[:, :columns]  # (kv_heads, columns)
+        # a group's heads see their tokens up to the union rank of its first token not stored
+        bound = torch.as_tensor(self._sorted_union[:, columns], device=tokens.device)
         ranks = self.rank.view(self.kv_heads, self.group_size, self.n)
-        seen = ranks.gather(2, token_of[:, None, :].expand(-1, self.group_size, -1)) < keep
-        visible = (seen & used[:, None, :]).reshape(self.selectors, columns)
+        ranks = ranks.gather(2, tokens[:, None, :].expand(-1, self.group_size, -1))
+        visible = (ranks <= bound[:, None, None]).reshape(self.selectors, columns)
         parts = []
         for part, (dense, theta) in enumerate(((self.layer.keys, self.press.theta_k),
                                                (self.layer.values, self.press.theta_v))):
             if layout[part] is None:
-                parts.append(DenseRows(torch.cat([dense[0, g, t] for g, t in enumerate(tokens)])))
+                vectors = dense[0].gather(1, tokens[..., None].expand(-1, -1, self.dim))
+                parts.append(DenseColumns(vectors))
             else:
                 parts.append(self._coded(tokens, part, theta))
-        positions = torch.cat(tokens).to(torch.int32) if isinstance(parts[0], CodedRows) else None
-        return HeadwiseStore(parts[0], parts[1], positions, slots, visible, self.rotary, self.press.encode_every)
+        return HeadwiseStore(parts[0], parts[1], visible)
 
-    def _coded(self, tokens: list[torch.Tensor], part: int, theta: float) -> CodedRows:
-        """Keys (``part`` 0) or values (1) of the kept tokens, coded with only the entries they use."""
+    def _coded(self, tokens: torch.Tensor, part: int, theta: float) -> CodedColumns:
+        """Keys (``part`` 0) or values (1) of the stored ``tokens``, coded with only the entries they use."""
+        columns = tokens.shape[1]
         entries, tags, index, magnitude, count = [], [], [], [], 0
-        for g, rows in enumerate(tokens):
-            book = self.books[g][part]
-            pick = torch.searchsorted(self.books[g][2], rows)  # kept rows are a subset of the built ones
-            used, inverse = torch.unique(book.index[pick], return_inverse=True)
+        for g in range(self.kv_heads):
+            book = self.books[g][part]  # built on a prefix of the same order: the first columns are ours
+            used, inverse = torch.unique(book.index[:columns], return_inverse=True)
             entries.append(book.entries[used])
-            tags.append(torch.full((len(used),), g, dtype=torch.int8, device=rows.device))
+            tags.append(torch.full((len(used),), g, dtype=torch.int8, device=tokens.device))
             index.append(inverse + count)
-            magnitude.append(book.magnitude[pick])
+            magnitude.append(book.magnitude[:columns])
             count += len(used)
-        return CodedRows(torch.cat(entries), torch.cat(tags), torch.cat(index).to(index_dtype(count)),
-                         torch.cat(magnitude), theta)
+        coded = (torch.cat(entries), torch.cat(tags), torch.stack(index).to(index_dtype(count)),
+                 torch.stack(magnitude), theta, self.press.encode_every)
+        if part == 0:
+            return CodedKeys(*coded, positions=tokens.to(torch.int32), rotary=self.rotary)
+        return CodedColumns(*coded)

@@ -3,15 +3,15 @@
 * :class:`DenseStore` - the kept tokens as plain post-RoPE tensors
   (b, kv_heads, tokens, d); used when every query head of a group keeps the
   same tokens and nothing is encoded.
-* :class:`HeadwiseStore` - SpindleKV's layout (batch 1). For each KV group,
-  the *union* of the tokens its query heads keep is stored once, as "rows":
-  densely (post-RoPE keys) or as codebook index + magnitude (pre-RoPE keys,
-  with positions). Attention runs over each group's rows as one key block,
-  with a mask of the rows each query head (or KV head, without per-head
-  selection) keeps; tokens added while decoding are seen by every head of
-  their group. Rows and codebook entries of all groups live in flat tensors
-  so that one decoding step is a handful of tensor operations per layer,
-  not a loop over heads.
+* :class:`HeadwiseStore` - SpindleKV's layout (batch 1). Every KV group
+  stores the same number of tokens, its "columns", and a boolean mask per
+  query head (or KV head, without per-head selection) marks the columns the
+  head attends to, so attention runs once per layer over one key block.
+  Keys and values are each either :class:`DenseColumns` (the vectors as they
+  are) or :class:`CodedColumns` (codebook index and magnitude per column;
+  :class:`CodedKeys` adds the positions to re-apply RoPE). Column-shaped
+  index, magnitude and position tensors make rebuilding a part at a
+  decoding step one gather and one multiplication, with no lookup of rows.
 
 Stores rebuild attention-ready tensors on demand (:meth:`materialize`) and
 never keep them: what stays in memory between steps is what ``nbytes``
@@ -63,74 +63,104 @@ class DenseStore:
         return _nbytes(self.keys, self.values)
 
 
-class _Rows:
-    """Rows of ``d``-dimensional vectors in the model's dtype, both read off the tensor named ``_vectors``."""
+class DenseColumns:
+    """Vectors as they are, (kv_heads, columns, d).
 
-    _vectors: str
+    New vectors go into room reserved ``reserve`` columns at a time, so most
+    decoding steps write one column instead of copying the whole part (as a
+    concatenation would); the room is allocated memory and counts in
+    :meth:`nbytes`.
+    """
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return getattr(self, self._vectors).dtype
+    def __init__(self, data: torch.Tensor, reserve: int = 16) -> None:
+        self.buffer = data.contiguous()  # (kv_heads, capacity, d); the first `length` columns are filled
+        self.length = data.shape[1]
+        self.reserve = reserve
+
+    def __len__(self) -> int:
+        return self.length
 
     @property
     def width(self) -> int:
-        return getattr(self, self._vectors).shape[-1]
+        return self.buffer.shape[-1]
 
+    def append(self, vectors: torch.Tensor, position: int) -> None:
+        end = self.length + vectors.shape[1]
+        if end > self.buffer.shape[1]:
+            grown = self.buffer.new_empty(self.buffer.shape[0], end + self.reserve, self.width)
+            grown[:, : self.length] = self.buffer[:, : self.length]
+            self.buffer = grown
+        self.buffer[:, self.length : end] = vectors
+        self.length = end
 
-class DenseRows(_Rows):
-    """Rows stored as they are, (R, d)."""
-
-    _vectors = "data"
-
-    def __init__(self, data: torch.Tensor) -> None:
-        self.data = data
-
-    def __len__(self) -> int:
-        return self.data.shape[0]
-
-    def add(self, vectors: torch.Tensor, groups: torch.Tensor) -> None:
-        self.data = torch.cat([self.data, vectors.to(self.data.dtype)])
-
-    def decode_into(self, rows: torch.Tensor, out: torch.Tensor, factors: torch.Tensor | None = None) -> None:
-        """Write ``rows`` (groups * m, group-major) into ``out`` (groups, m, d): one gather, or one per group."""
-        if out.is_contiguous():
-            torch.index_select(self.data, 0, rows, out=out.view(-1, out.shape[-1]))
-            return
-        m = out.shape[1]
-        for g in range(out.shape[0]):
-            torch.index_select(self.data, 0, rows[g * m : (g + 1) * m], out=out[g])
+    def materialize(self) -> torch.Tensor:
+        return self.buffer[:, : self.length]
 
     def nbytes(self) -> int:
-        return _nbytes(self.data)
+        return _nbytes(self.buffer)
 
 
-class CodedRows(_Rows):
-    """Rows stored as ``magnitude * entries[index]``, one codebook per KV group.
+class CodedColumns:
+    """Vectors stored as ``magnitude * entries[index]``, one codebook per KV group.
 
-    The entries of all groups share one tensor and carry their group in
-    ``entry_group``. New rows are matched against their group's entries;
-    those with no entry within ``theta`` get entries of their own from the
-    same greedy build, run on them together.
+    ``index`` and ``magnitude`` are (kv_heads, columns), so rebuilding every
+    column is one gather of entries and one multiplication. The entries of
+    all groups share one tensor and carry their group in ``entry_group``.
+    Vectors added while decoding wait as they are in a small tail; every
+    ``encode_every`` of them are encoded together: matched against their
+    group's entries, and those with no entry within ``theta`` get entries of
+    their own from the same greedy build, run on them together.
     """
 
-    _vectors = "entries"
-
     def __init__(self, entries: torch.Tensor, entry_group: torch.Tensor, index: torch.Tensor,
-                 magnitude: torch.Tensor, theta: float) -> None:
+                 magnitude: torch.Tensor, theta: float, encode_every: int = 64) -> None:
         self.entries = entries  # (E, d) unit vectors
         self.entry_group = entry_group  # (E,) int8: the KV group of each entry
-        self.index = index  # (R,) entry of each row
-        self.magnitude = magnitude  # (R,)
+        self.index = index  # (kv_heads, columns): entry of each column
+        self.magnitude = magnitude  # (kv_heads, columns)
         self.theta = theta
+        self.encode_every = encode_every
+        self.tail = entries.new_zeros(index.shape[0], 0, entries.shape[-1])  # (kv_heads, t, d), not yet coded
+        self.tail_start = 0  # position of the first tail vector; the tail's positions are consecutive
 
     def __len__(self) -> int:
-        return self.index.shape[0]
+        return self.index.shape[1] + self.tail.shape[1]
 
-    def add(self, vectors: torch.Tensor, groups: torch.Tensor) -> None:
+    @property
+    def width(self) -> int:
+        return self.entries.shape[-1]
+
+    def append(self, vectors: torch.Tensor, position: int) -> None:
+        """Add (kv_heads, n, d) vectors, the first at sequence ``position``."""
+        if not self.tail.shape[1]:
+            self.tail_start = position
+        self.tail = torch.cat([self.tail, self._tail_form(vectors.to(self.tail.dtype))], dim=1)
+        if self.tail.shape[1] >= self.encode_every:
+            self.encode_tail()
+
+    def encode_tail(self) -> None:
+        """Encode the waiting vectors into new columns."""
+        kv_heads, t, d = self.tail.shape
+        groups = torch.arange(kv_heads, device=self.tail.device).repeat_interleave(t)
+        index, magnitude = self.encode(self._to_code(self.tail).reshape(kv_heads * t, d), groups)
+        self.index = torch.cat([self.index.to(index.dtype), index.view(kv_heads, t)], dim=1)
+        self.magnitude = torch.cat([self.magnitude, magnitude.view(kv_heads, t).to(self.magnitude.dtype)], dim=1)
+        self.tail = self.tail[:, :0]
+
+    def _tail_form(self, vectors: torch.Tensor) -> torch.Tensor:
+        """New vectors as the tail holds them: in the layout :meth:`materialize` returns."""
+        return vectors
+
+    def _to_code(self, tail: torch.Tensor) -> torch.Tensor:
+        """The tail as the codebook sees it (keys: pre-RoPE)."""
+        return tail
+
+    def encode(self, vectors: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Entry index and magnitude of ``vectors`` (N, d) of KV ``groups`` (N,), adding entries as needed."""
         units, norms = cb.normalise(vectors)
         sims = torch.full((len(units), max(1, len(self.entries))), float("-inf"), device=units.device)
         if len(self.entries):
-            sims = units @ self.entries.float().T  # (new, E)
+            sims = units @ self.entries.float().T  # (N, E)
             sims.masked_fill_(self.entry_group[None, :].long() != groups[:, None], float("-inf"))
         best, index = sims.max(dim=-1)
         loose = torch.nonzero(best <= self.theta).flatten()
@@ -145,127 +175,106 @@ class CodedRows(_Rows):
             index[mine] = fresh.index + count
             count += fresh.entries.shape[0]
         self.entries, self.entry_group = torch.cat(entries), torch.cat(tags)
-        self.index = torch.cat([self.index, index]).to(index_dtype(count))
-        self.magnitude = torch.cat([self.magnitude, norms.to(self.magnitude.dtype)])
+        return index.to(index_dtype(count)), norms
 
-    def decode(self) -> torch.Tensor:
-        """All rows, (R, d)."""
-        out = self.entries.new_empty(1, len(self), self.width)
-        self.decode_into(torch.arange(len(self), device=self.index.device), out)
-        return out[0]
+    def materialize(self) -> torch.Tensor:
+        """Every column, (kv_heads, columns, d): the coded ones rebuilt, then the tail."""
+        kv_heads, coded = self.index.shape
+        out = self.tail.new_empty(kv_heads, len(self), self.width)
+        self._decode_into(out[:, :coded])
+        if self.tail.shape[1]:
+            out[:, coded:] = self.tail
+        return out
 
-    def decode_into(self, rows: torch.Tensor, out: torch.Tensor, factors: torch.Tensor | None = None) -> None:
-        """Write ``rows`` (groups * m, group-major) into ``out`` (groups, m, d), maybe a view of a larger buffer.
-
-        With complex ``factors`` (groups, m, d/2) the interleaved rows are also
-        rotated: rotation and magnitude are one complex factor per pair,
-        applied in the single multiplication that writes ``out``.
-        """
-        index = self.index.index_select(0, rows)
-        magnitude = self.magnitude.index_select(0, rows).view(*out.shape[:2], 1)
-        if factors is None:
-            torch.mul(self.entries.index_select(0, index).view(out.shape), magnitude, out=out)
-            return
-        entries = self.entries if self.entries.dtype in (torch.float32, torch.float64) else self.entries.float()
-        z = torch.view_as_complex(entries.view(len(entries), -1, 2)).index_select(0, index)
-        torch.view_as_real(factors).mul_(magnitude.to(entries.dtype)[..., None])  # real view: faster than complex
-        if out.dtype == entries.dtype:
-            torch.mul(z.view(factors.shape), factors, out=torch.view_as_complex(out.unflatten(-1, (-1, 2))))
-        else:
-            out.copy_(torch.view_as_real(z.view(factors.shape) * factors).flatten(-2))
+    def _decode_into(self, out: torch.Tensor) -> None:
+        rows = self.entries.index_select(0, self.index.view(-1)).view(out.shape)
+        torch.mul(rows, self.magnitude[..., None], out=out)
 
     def nbytes(self) -> int:
-        return _nbytes(self.entries, self.entry_group, self.index, self.magnitude)
+        return _nbytes(self.entries, self.entry_group, self.index, self.magnitude, self.tail)
+
+
+class CodedKeys(CodedColumns):
+    """Coded keys: pre-RoPE, interleaved (see :mod:`ctxpress.kv.rope`), with their positions.
+
+    Rebuilding rotates each key back to its position: rotation and
+    magnitude are one complex factor per pair, applied in the single
+    multiplication that writes the output. The tail holds post-RoPE keys,
+    interleaved as they arrive.
+    """
+
+    def __init__(self, entries: torch.Tensor, entry_group: torch.Tensor, index: torch.Tensor,
+                 magnitude: torch.Tensor, theta: float, encode_every: int, positions: torch.Tensor,
+                 rotary: torch.nn.Module) -> None:
+        super().__init__(entries, entry_group, index, magnitude, theta, encode_every)
+        self.positions = positions  # (kv_heads, columns) int32
+        self.rotary = rotary
+        self.upto = int(positions.max()) + 1 if positions.numel() else 0  # bounds the positions, read without a sync
+
+    def append(self, vectors: torch.Tensor, position: int) -> None:
+        self.upto = max(self.upto, position + vectors.shape[1])
+        super().append(vectors, position)
+
+    def encode_tail(self) -> None:
+        kv_heads, t = self.tail.shape[:2]
+        new = torch.arange(self.tail_start, self.tail_start + t, device=self.tail.device, dtype=torch.int32)
+        super().encode_tail()
+        self.positions = torch.cat([self.positions, new.expand(kv_heads, t)], dim=1)
+
+    def _tail_form(self, vectors: torch.Tensor) -> torch.Tensor:
+        return interleave(vectors)
+
+    def _to_code(self, tail: torch.Tensor) -> torch.Tensor:
+        kv_heads, t, d = tail.shape
+        keys = tail.reshape(kv_heads * t, d)
+        where = torch.arange(self.tail_start, self.tail_start + t, device=tail.device).repeat(kv_heads)
+        return unrotate(keys, phases(self.rotary, where, keys, self.upto)).view(kv_heads, t, d)
+
+    def _decode_into(self, out: torch.Tensor) -> None:
+        entries = self.entries if self.entries.dtype in (torch.float32, torch.float64) else self.entries.float()
+        z = torch.view_as_complex(entries.view(len(entries), -1, 2)).index_select(0, self.index.view(-1))
+        factors = phases(self.rotary, self.positions.view(-1), out, self.upto)  # (columns, d/2), a fresh tensor
+        torch.view_as_real(factors).mul_(self.magnitude.view(-1, 1, 1).to(entries.dtype))  # real view: faster
+        z = z.view(*out.shape[:2], -1)
+        factors = factors.view(z.shape)
+        if out.dtype == entries.dtype:
+            torch.mul(z, factors, out=torch.view_as_complex(out.unflatten(-1, (-1, 2))))
+        else:
+            out.copy_(torch.view_as_real(z * factors).flatten(-2))
+
+    def nbytes(self) -> int:
+        return super().nbytes() + _nbytes(self.positions)
 
 
 class HeadwiseStore:
     """SpindleKV's layout for one layer, batch size 1 (see the module docstring).
 
-    Column ``c`` of group ``g`` is row ``slots[g, c]``; query head (or KV
-    head) ``s`` attends to the columns where ``visible[s]`` is true. Groups
-    narrower than the widest repeat a row in columns no head sees. Tokens
-    arriving while decoding are one new column each, seen by every head;
-    they wait as plain post-RoPE vectors in a small dense tail, and every
-    ``encode_every`` tokens the tail is encoded in one batch into the rows
-    already listed for it.
+    Every KV group holds the same number of columns; query head (or KV head)
+    ``s`` attends to the columns where ``visible[s]`` is true. Tokens
+    arriving while decoding are one new column each, seen by every head.
     """
 
-    def __init__(self, keys: DenseRows | CodedRows, values: DenseRows | CodedRows, positions: torch.Tensor | None,
-                 slots: torch.Tensor, visible: torch.Tensor, rotary: torch.nn.Module | None,
-                 encode_every: int = 64) -> None:
-        self.keys, self.values = keys, values  # coded keys are pre-RoPE and interleaved
-        # Coded keys come back interleaved (see ctxpress.kv.rope); so must the tail and the queries.
-        self.interleaved = isinstance(keys, CodedRows)
-        self.positions = positions  # (R,) int32, to re-apply RoPE to coded keys
-        self.slots = slots  # (kv_heads, columns): the row in each group's column
-        self.visible = visible  # (selectors, columns) bool: the columns each query head (or KV head) sees
-        self.kv_heads = slots.shape[0]
-        self.rotary = rotary
-        self.encode_every = encode_every
-        self.upto = int(positions.max()) + 1 if positions is not None and len(positions) else 0
-        # a head that keeps every token needs no mask; new tokens are seen by all heads, so this lasts
+    def __init__(self, keys: DenseColumns | CodedColumns, values: DenseColumns | CodedColumns,
+                 visible: torch.Tensor) -> None:
+        self.keys, self.values = keys, values
+        # Coded keys come back interleaved (see ctxpress.kv.rope); so must the queries.
+        self.interleaved = isinstance(keys, CodedKeys)
+        self.visible = visible  # (selectors, columns) bool
+        # a layer where every head sees every column needs no mask; new tokens are seen by all, so this lasts
         self.masked = not bool(visible.all())
-        d = keys.width
-        self.tail_keys = slots.new_zeros(self.kv_heads, 0, d, dtype=values.dtype)  # (kv_heads, t, d), post-RoPE
-        self.tail_values = slots.new_zeros(self.kv_heads, 0, d, dtype=values.dtype)
-        self.tail_start = 0  # position of the first tail token; the tail's positions are consecutive
 
     def __len__(self) -> int:
-        return self.slots.shape[1]
+        return self.visible.shape[1]
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, position: int) -> None:
-        """Add ``n`` new tokens, the first at sequence ``position``."""
-        kv_heads, n = keys.shape[1], keys.shape[2]
-        waiting = self.tail_keys.shape[1]
-        if not waiting:
-            self.tail_start = position
-        start = len(self.keys) + waiting * kv_heads  # rows are numbered token-major: start + t * kv + g
-        self.tail_keys = torch.cat([self.tail_keys, keys[0]], dim=1)
-        self.tail_values = torch.cat([self.tail_values, values[0]], dim=1)
-        self.upto = max(self.upto, position + n)  # from Python ints: no device sync per step
-        new = (start + torch.arange(n, device=keys.device)[None, :] * kv_heads
-               + torch.arange(kv_heads, device=keys.device)[:, None])
-        dtype = index_dtype(start + n * kv_heads)
-        self.slots = torch.cat([self.slots if self.slots.dtype == dtype else self.slots.to(dtype), new.to(dtype)], 1)
-        self.visible = torch.nn.functional.pad(self.visible, (0, n), value=True)
-        if waiting + n >= self.encode_every:
-            self._encode_tail()
-
-    def _encode_tail(self) -> None:
-        """Encode the tail rows (K pre-RoPE) and make them ordinary rows, with the numbers listed for them."""
-        kv_heads, t, d = self.tail_keys.shape
-        k = self.tail_keys.transpose(0, 1).reshape(t * kv_heads, d)
-        v = self.tail_values.transpose(0, 1).reshape(t * kv_heads, d)
-        groups = torch.arange(kv_heads, device=k.device).repeat(t)
-        positions = torch.arange(self.tail_start, self.tail_start + t, device=k.device,
-                                 dtype=torch.int32).repeat_interleave(kv_heads)
-        if self.interleaved:
-            k = interleave(k)
-            k = unrotate(k, phases(self.rotary, positions, k, self.upto))
-        self.keys.add(k, groups)
-        self.values.add(v, groups)
-        if self.positions is not None:
-            self.positions = torch.cat([self.positions, positions])
-        self.tail_keys, self.tail_values = self.tail_keys[:, :0], self.tail_values[:, :0]
+        """Add ``n`` new tokens (1, kv_heads, n, d), the first at sequence ``position``."""
+        self.keys.append(keys[0], position)
+        self.values.append(values[0], position)
+        self.visible = torch.nn.functional.pad(self.visible, (0, keys.shape[2]), value=True)
 
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (post-RoPE) and values, (1, kv_heads, columns, d); :attr:`mask` masks them per head."""
-        kv_heads, columns = self.slots.shape
-        waiting = self.tail_keys.shape[1]  # the tail is the last columns
-        stored = columns - waiting
-        rows = self.slots[:, :stored].reshape(-1)  # group-major
-        k = self.tail_keys.new_empty(kv_heads, columns, self.keys.width)
-        v = self.tail_values.new_empty(kv_heads, columns, self.values.width)
-        factors = None
-        if self.interleaved:
-            where = self.positions.index_select(0, rows)
-            factors = phases(self.rotary, where, k, self.upto).view(kv_heads, stored, -1)
-        self.keys.decode_into(rows, k[:, :stored], factors)
-        self.values.decode_into(rows, v[:, :stored])
-        if waiting:
-            k[:, stored:] = interleave(self.tail_keys) if self.interleaved else self.tail_keys
-            v[:, stored:] = self.tail_values
-        return k[None], v[None]
+        return self.keys.materialize()[None], self.values.materialize()[None]
 
     @property
     def mask(self) -> torch.Tensor | None:
@@ -273,5 +282,4 @@ class HeadwiseStore:
         return self.visible if self.masked else None
 
     def nbytes(self) -> int:
-        return (self.keys.nbytes() + self.values.nbytes() + _nbytes(
-            self.positions, self.slots, self.visible, self.tail_keys, self.tail_values))
+        return self.keys.nbytes() + self.values.nbytes() + _nbytes(self.visible)
