@@ -25,7 +25,7 @@ from ctxpress.kv import codebook as cb
 from ctxpress.kv.budget import pyramid_keep
 from ctxpress.kv.rope import deinterleave, rotary_module
 from ctxpress.kv.spindle import _LayerPlan
-from ctxpress.kv.store import CodedColumns, CodedKeys, DenseColumns, DenseStore, HeadwiseStore
+from ctxpress.kv.store import ROOM, CodedColumns, CodedKeys, DenseColumns, DenseStore, HeadwiseStore
 
 N = 160  # prompt tokens
 
@@ -334,13 +334,13 @@ def test_decode_growth_is_bounded(tiny_lm, prompt):
         new = out.shape[1] - N
         # a new token costs at most its dense size plus, per layer and KV head, the
         # codebook's index and magnitude for K and V, its position and one mask
-        # byte for each query head of the group; dense parts reserve room for 16 tokens at a time
+        # byte for each query head of the group; dense parts reserve room for ROOM tokens at a time
         layers, kv_heads = len(cache.layers), cache.layers[0].kv_heads
         group = tiny_lm.model.config.num_attention_heads // kv_heads
         meta = 2 * (4 + 4) + 4 + group
         per_token = dense_prompt / (N - 1) + layers * kv_heads * meta
         assert cache.get_seq_length() == N + new - 1  # the last token is never fed back
-        room = 16 if isinstance(press, SpindleKV) else 0
+        room = ROOM if isinstance(press, SpindleKV) else 0
         assert cache.nbytes() <= after_prefill + (new + 1 + room) * per_token
 
 
@@ -464,7 +464,7 @@ def test_half_precision(tokenizer, dtype):
         cache = press.cache(model)
         out = greedy(model, ids, past_key_values=cache)
         assert out.shape == (1, 112)
-        room = 16 if isinstance(press, SpindleKV) else 0  # dense parts reserve room for 16 new tokens
+        room = ROOM if isinstance(press, SpindleKV) else 0  # dense parts reserve room for new tokens
         assert cache.nbytes() <= 0.3 * cache.dense_nbytes() + (12 + room) * cache.dense_nbytes() / 112 + 1
 
 

@@ -34,7 +34,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from . import __version__
 from .errors import CtxpressError, InputError
-from .kv import build_press, press_with_budget
+from .kv import press_with_budget
 from .kv.generation import CompressedContext
 from .models import LoadedModel
 from .prompt import PromptCompressor
@@ -208,7 +208,7 @@ def create_app(lm: LoadedModel, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_
                     message["content"] = result.compressed_text
         ids = _chat_ids(tokenizer, messages) if pc is not None else before
         kv = body.kv_compression
-        press = build_press("full") if kv is None else press_with_budget(kv.method, kv.ratio, kv.tokens, kv.options)
+        press = press_with_budget(kv.method, kv.ratio, kv.tokens, kv.options) if kv else press_with_budget("full")
         limit = body.max_completion_tokens or body.max_tokens or min(256, max_new_tokens)
         if limit > max_new_tokens:
             raise InputError(f"max_tokens {limit} is over this server's limit of {max_new_tokens}")

@@ -5,7 +5,7 @@ each query head keeps its own top tokens (the KV head is, in effect, repeated
 once per query head). The kept keys (pre-RoPE) and values of a KV group are
 then encoded with greedy codebooks (:mod:`ctxpress.kv.codebook`); the copies
 of one token kept by several heads of a group are one vector, so the
-unfolding costs only the per-head index lists.
+unfolding costs only a mask byte per head and stored token.
 
 The eviction target that makes the stored bytes meet a ``ratio`` is found
 automatically: codebooks are built once on the largest candidate selection;
@@ -92,7 +92,7 @@ class SpindleKV(PyramidKV):
             return self.counts_for_mean(n, mean, layers)
 
         # Largest selection worth encoding: a quarter above the dense budget (the per-head
-        # unions cost more rows than the codebook usually saves), doubled while it still fits.
+        # unions cost more columns than the codebook usually saves), doubled while it still fits.
         k_max = min(n, max(1, math.ceil(1.25 * self.ratio * n)) if self.codebook else self.mean_keep(n))
         while True:
             ceiling = counts(k_max)

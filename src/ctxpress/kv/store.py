@@ -39,6 +39,9 @@ def index_dtype(n: int) -> torch.dtype:
     return torch.int32 if n < 2**31 else torch.int64
 
 
+ROOM = 16  # columns a dense part reserves at a time for tokens added while decoding
+
+
 def dtype_size(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 
@@ -72,7 +75,7 @@ class DenseColumns:
     :meth:`nbytes`.
     """
 
-    def __init__(self, data: torch.Tensor, reserve: int = 16) -> None:
+    def __init__(self, data: torch.Tensor, reserve: int = ROOM) -> None:
         self.buffer = data.contiguous()  # (kv_heads, capacity, d); the first `length` columns are filled
         self.length = data.shape[1]
         self.reserve = reserve
@@ -158,10 +161,11 @@ class CodedColumns:
     def encode(self, vectors: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Entry index and magnitude of ``vectors`` (N, d) of KV ``groups`` (N,), adding entries as needed."""
         units, norms = cb.normalise(vectors)
-        sims = torch.full((len(units), max(1, len(self.entries))), float("-inf"), device=units.device)
         if len(self.entries):
             sims = units @ self.entries.float().T  # (N, E)
             sims.masked_fill_(self.entry_group[None, :].long() != groups[:, None], float("-inf"))
+        else:  # nothing to match: every vector is loose
+            sims = torch.full((len(units), 1), float("-inf"), device=units.device)
         best, index = sims.max(dim=-1)
         loose = torch.nonzero(best <= self.theta).flatten()
         entries, tags = [self.entries], [self.entry_group]
@@ -216,10 +220,15 @@ class CodedKeys(CodedColumns):
         super().append(vectors, position)
 
     def encode_tail(self) -> None:
-        kv_heads, t = self.tail.shape[:2]
-        new = torch.arange(self.tail_start, self.tail_start + t, device=self.tail.device, dtype=torch.int32)
+        new = self._tail_positions()
         super().encode_tail()
-        self.positions = torch.cat([self.positions, new.expand(kv_heads, t)], dim=1)
+        self.positions = torch.cat([self.positions, new], dim=1)
+
+    def _tail_positions(self) -> torch.Tensor:
+        """(kv_heads, t) int32: the tail's positions, the same in every group."""
+        kv_heads, t = self.tail.shape[:2]
+        start = self.tail_start
+        return torch.arange(start, start + t, device=self.tail.device, dtype=torch.int32).expand(kv_heads, t)
 
     def _tail_form(self, vectors: torch.Tensor) -> torch.Tensor:
         return interleave(vectors)
@@ -227,7 +236,7 @@ class CodedKeys(CodedColumns):
     def _to_code(self, tail: torch.Tensor) -> torch.Tensor:
         kv_heads, t, d = tail.shape
         keys = tail.reshape(kv_heads * t, d)
-        where = torch.arange(self.tail_start, self.tail_start + t, device=tail.device).repeat(kv_heads)
+        where = self._tail_positions().reshape(-1)
         return unrotate(keys, phases(self.rotary, where, keys, self.upto)).view(kv_heads, t, d)
 
     def _decode_into(self, out: torch.Tensor) -> None:
