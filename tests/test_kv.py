@@ -317,6 +317,34 @@ def test_spindlekv_per_head_selection_is_per_query_head(tiny_lm, prompt):
     assert len(store) == len(store.keys) == len(store.values)
 
 
+def test_spindlekv_heads_see_their_own_top_tokens(lm, prompt):
+    """Each query head sees exactly its best-scored tokens, at least its layer's budget
+    (a narrower group's heads see a few more, in columns that would be padding)."""
+    captured = {}
+
+    class Captured(SpindleKV):
+        def compress(self, state):
+            layers = sorted(state.layers, key=lambda layer: layer.layer_idx)
+            captured["scores"] = [layer.scores[0].clone() for layer in layers]
+            super().compress(state)
+
+        def _calibrate(self, plans, n):
+            captured["keep"] = super()._calibrate(plans, n)
+            return captured["keep"]
+
+    press = Captured(ratio=0.3, dense_fallback=False)  # coded keys carry every column's position
+    cache = compressed(lm.model, press, prompt)
+    window = press.effective_window(N)
+    for layer, scores, keep in zip(cache.layers, captured["scores"], captured["keep"], strict=True):
+        store = layer.store
+        scores[:, N - window :] = float("inf")  # the window is always kept
+        group = scores.shape[0] // store.keys.index.shape[0]
+        for s in range(scores.shape[0]):
+            tokens = store.keys.positions[s // group, store.visible[s]].long()
+            assert len(tokens) >= keep
+            assert set(tokens.tolist()) == set(scores[s].topk(len(tokens)).indices.tolist())
+
+
 def test_codebook_only_keeps_every_token(tiny_lm, prompt):
     cache = compressed(tiny_lm.model, SpindleKV(evict=False, dense_fallback=False), prompt)
     for layer in cache.layers:
@@ -361,6 +389,22 @@ def test_coded_columns_match_or_get_new_entries():
     rebuilt = coded.entries[index.long()] * magnitude[:, None]
     assert torch.all(torch.nn.functional.cosine_similarity(rebuilt, vectors, dim=-1) > 0.95)
     torch.testing.assert_close(rebuilt.norm(dim=-1), vectors.norm(dim=-1))
+
+
+def test_dense_columns_fill_reserved_room_before_growing():
+    torch.manual_seed(5)
+    part = DenseColumns(torch.randn(2, 10, 8))
+    expected = [part.materialize().clone()]
+    buffers = []
+    for step in range(ROOM + 2):
+        new = torch.randn(2, 1, 8)
+        part.append(new, 10 + step)
+        expected.append(new)
+        buffers.append(part.buffer.data_ptr())
+        torch.testing.assert_close(part.materialize(), torch.cat(expected, dim=1), rtol=0, atol=0)
+    # grown once for the first token (with ROOM to spare), again only when that room ran out
+    assert len(set(buffers[: ROOM + 1])) == 1 and buffers[ROOM + 1] != buffers[ROOM]
+    assert part.nbytes() == part.buffer.numel() * 4 and len(part) == 10 + ROOM + 2
 
 
 @pytest.mark.parametrize("fallback", [True, False])
