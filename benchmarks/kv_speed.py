@@ -8,7 +8,13 @@ compression). Reported:
 * stored bytes / dense bytes right after compression (target: <= ratio);
 * compression seconds / prefill seconds (target: <= 0.3);
 * decode tokens/s, and its ratio to ``full`` (target: >= 0.9);
+* cached tokens a head attends to, as a fraction of the context (what the
+  bytes buy: SpindleKV's codebooks fit more tokens in the same bytes);
 * peak resident memory of a process doing one such run.
+
+A method may carry options, ``NAME:KEY=VALUE[:KEY=VALUE...]`` (the same
+options as ``ctxpress generate --kv-option``), e.g.
+``--methods spindlekv,spindlekv:min_saving=0`` to compare settings.
 
 Bytes, times and memory come from one fresh process per run. Decode speed on
 a shared CPU drifts over minutes, so it is measured separately: one process
@@ -29,6 +35,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ctxpress.errors import InputError
+
 from common import data_dir, essays_text, markdown_table, run_child
 
 METHODS = ["streaming", "h2o", "snapkv", "pyramidkv", "spindlekv"]
@@ -41,6 +49,15 @@ def _context(lm, data: Path, tokens: int) -> str:
     return lm.tokenizer.decode(ids[:tokens])
 
 
+def press(method: str, ratio: float):
+    """The press a method spec names (``NAME[:KEY=VALUE...]``), at ``ratio`` unless it is ``full``."""
+    from ctxpress.cli import parse_options
+    from ctxpress.kv import press_with_budget
+
+    name, *options = method.split(":")
+    return press_with_budget(name, None if name == "full" else ratio, None, parse_options(options))
+
+
 def run_one(method: str, ratio: float, tokens: int, data: Path) -> dict:
     """Prefill, compress and answer briefly in this (fresh) process."""
     from ctxpress import load_model
@@ -48,26 +65,25 @@ def run_one(method: str, ratio: float, tokens: int, data: Path) -> dict:
 
     lm = load_model("smollm2-135m", device="cpu")
     answer_questions(lm, "A short warm-up text.", [QUESTION], "full", max_new_tokens=2)
-    options = {} if method == "full" else {"ratio": ratio}
-    result = answer_questions(lm, _context(lm, data, tokens), [QUESTION], method, max_new_tokens=8, **options)[0]
+    result = answer_questions(lm, _context(lm, data, tokens), [QUESTION], press(method, ratio), max_new_tokens=8)[0]
     return result.to_dict()
 
 
 def decode_rounds(methods: list[str], ratio: float, tokens: int, rounds: int, data: Path) -> dict:
-    """Seconds per decoding step of each method, alternating methods round by round."""
+    """Per method: decoding steps per second, alternating methods round by round, and the
+    fraction of the context a head attends to."""
     import torch
 
     from ctxpress import load_model
-    from ctxpress.kv import build_press
     from ctxpress.kv.generation import CompressedContext, prompt_ids
 
     lm = load_model("smollm2-135m", device="cpu")
     context_ids, question_ids = prompt_ids(lm.tokenizer, _context(lm, data, tokens), QUESTION)
-    state = {}
+    state, attended = {}, {}
     for method in ["full", *methods]:
-        press = build_press(method, **({} if method == "full" else {"ratio": ratio}))
-        ctx = CompressedContext(lm, context_ids, press)
+        ctx = CompressedContext(lm, context_ids, press(method, ratio))
         cache = ctx.cache.copy()
+        attended[method] = cache.attended_tokens() / context_ids.shape[-1]
         with torch.no_grad():
             logits = lm.model(question_ids, past_key_values=cache).logits[:, -1:]
         state[method] = [cache, logits.argmax(-1)]
@@ -80,7 +96,7 @@ def decode_rounds(methods: list[str], ratio: float, tokens: int, rounds: int, da
                     token = lm.model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
                 steps[method].append((time.perf_counter() - start) / STEPS)
                 state[method][1] = token
-    return {m: 1 / statistics.median(s) for m, s in steps.items()}
+    return {m: {"speed": 1 / statistics.median(s), "attended": attended[m]} for m, s in steps.items()}
 
 
 def main() -> None:
@@ -107,14 +123,20 @@ def main() -> None:
     script = Path(__file__).resolve()
     methods = args.methods.split(",")
     ratios = [float(r) for r in args.ratios.split(",")]
+    for method in methods:  # a mistyped method or option fails here, not in every child
+        try:
+            press(method, ratios[0])
+        except InputError as exc:
+            sys.exit(f"benchmark: {method}: {exc}")
     raw, rows = [], []
     for size in [int(s) for s in args.sizes.split(",")]:
         full = run_child(script, ["run", "full", "1", str(size), str(data)])
         for ratio in ratios:
-            speeds = run_child(script, ["decode", str(ratio), str(size), str(args.rounds), str(data), *methods])
-            if "error" in speeds:
-                print(f"{size} decode at {ratio}: {speeds['error']}", file=sys.stderr)
+            decoded = run_child(script, ["decode", str(ratio), str(size), str(args.rounds), str(data), *methods])
+            if "error" in decoded:
+                print(f"{size} decode at {ratio}: {decoded['error']}", file=sys.stderr)
                 continue
+            speeds = {m: d["speed"] for m, d in decoded.items()}
             for method in ["full", *methods] if ratio == ratios[0] else methods:
                 run = full if method == "full" else run_child(script, ["run", method, str(ratio), str(size),
                                                                       str(data)])
@@ -122,18 +144,19 @@ def main() -> None:
                     print(f"{size} {method} {ratio}: {run['error']}", file=sys.stderr)
                     continue
                 raw.append({"tokens": size, "method": method, "ratio": ratio, "run": run,
-                            "decode_tokens_per_second": speeds[method], "full_decode": speeds["full"]})
+                            "decode_tokens_per_second": speeds[method], "full_decode": speeds["full"],
+                            "attended_fraction": decoded[method]["attended"]})
                 rows.append([
                     size, method, "-" if method == "full" else ratio,
                     f"{run['cache_bytes'] / run['full_cache_bytes']:.3f}",
                     f"{run['prefill_seconds']:.2f}", f"{run['compress_seconds']:.2f}",
                     f"{run['compress_seconds'] / run['prefill_seconds']:.2f}",
                     f"{speeds[method]:.1f}", f"{speeds[method] / speeds['full']:.2f}",
-                    f"{run['peak_memory_bytes'] / 2**30:.2f}",
+                    f"{decoded[method]['attended']:.3f}", f"{run['peak_memory_bytes'] / 2**30:.2f}",
                 ])
         print(f"{size} tokens done", file=sys.stderr, flush=True)
     header = ["context tokens", "method", "ratio", "stored / dense", "prefill s", "compress s",
-              "compress / prefill", "decode tok/s", "decode vs full", "peak GiB"]
+              "compress / prefill", "decode tok/s", "decode vs full", "kept / head", "peak GiB"]
     print(markdown_table(header, rows))
     if args.out:
         Path(args.out).write_text(json.dumps(raw, indent=1))

@@ -124,6 +124,21 @@ def test_pyramid_budget_per_layer(tiny_lm, prompt):
     assert kept[0] > kept[-1] and sum(kept) == math.floor(0.3 * N) * len(kept)
 
 
+def test_attended_tokens_are_the_tokens_each_head_sees(tiny_lm, prompt):
+    assert compressed(tiny_lm.model, KVPress(), prompt).attended_tokens() == N
+    assert compressed(tiny_lm.model, SnapKV(ratio=0.3), prompt).attended_tokens() == math.floor(0.3 * N)
+    budget = math.floor(0.3 * N)
+    pyramid = compressed(tiny_lm.model, SpindleKV(tokens=budget, per_head=False, codebook=False), prompt)
+    layers = len(pyramid.layers)
+    assert pyramid.attended_tokens() == pytest.approx(sum(pyramid_keep(N, budget / N, layers, 32)) / layers)
+    # per query head, with the same token budget: every head sees at least its layer's count
+    spindle = compressed(tiny_lm.model, SpindleKV(tokens=budget, codebook=False), prompt)
+    assert spindle.attended_tokens() >= pyramid.attended_tokens()
+    with torch.no_grad():  # a decoded token is seen by every head
+        tiny_lm.model(prompt[:, -1:], past_key_values=spindle)
+    assert spindle.attended_tokens() >= pyramid.attended_tokens() + 1
+
+
 @pytest.mark.parametrize("r", [0.5, 0.2, 0.1])
 def test_pyramid_schedule_matches_spec(r):
     n, window, layers = 1000, 32, 30
@@ -161,9 +176,14 @@ def test_greedy_cover_takes_highest_degree_first():
 def dense_algorithm_1(vectors: torch.Tensor, theta: float) -> tuple[list[int], list[int]]:
     """The paper's Algorithm 1, literally, on the full N x N graph (reference only)."""
     units = torch.nn.functional.normalize(vectors.double(), dim=-1)
-    graph = (units @ units.T) > theta
+    return dense_greedy((units @ units.T) > theta)
+
+
+def dense_greedy(graph: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Algorithm 1's cover of a boolean adjacency matrix: one highest-degree pick at a time."""
+    graph = graph.clone()
     graph.fill_diagonal_(True)
-    exemplars, assign = [], [-1] * len(units)
+    exemplars, assign = [], [-1] * len(graph)
     while graph.any():
         best = int(graph.sum(dim=1).argmax())
         members = torch.nonzero(graph[best]).flatten()
@@ -173,6 +193,19 @@ def dense_algorithm_1(vectors: torch.Tensor, theta: float) -> tuple[list[int], l
         graph[members, :] = False
         graph[:, members] = False
     return exemplars, assign
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_greedy_cover_equals_one_pick_at_a_time(seed):
+    # small random graphs have many degree ties, several picks per degree level and leftover pairs
+    rng = np.random.default_rng(seed)
+    n = 60
+    graph = torch.from_numpy(rng.random((n, n)) < 0.06)
+    graph = torch.triu(graph, diagonal=1)
+    rows, cols = (t.numpy() for t in torch.nonzero(graph, as_tuple=True))
+    exemplars, assign = cb.greedy_cover(n, rows, cols)
+    expected_exemplars, expected_assign = dense_greedy(graph | graph.T)
+    assert exemplars.tolist() == expected_exemplars and assign.tolist() == expected_assign
 
 
 @pytest.mark.parametrize("banded", [False, True], ids=["tiles", "banded"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..errors import InputError
 from .cache import CompressedCache, cache_dense_nbytes, cache_nbytes
 from .presses import H2O, KVPress, PyramidKV, SnapKV, StreamingLLM
@@ -25,7 +27,7 @@ def build_press(name: str, **options) -> KVPress:
     try:
         return cls(**options)
     except TypeError as exc:
-        fields = [f for f in cls.__dataclass_fields__ if not f.startswith("_")]
+        fields = [f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")]  # no ClassVars
         raise InputError(f"{name}: {exc} (options: {', '.join(fields)})") from None
 
 

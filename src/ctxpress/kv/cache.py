@@ -96,6 +96,12 @@ class CompressedLayer(DynamicLayer):
         kept = self.physical_length()
         return kept + query_length, self.seen - kept
 
+    def attended_tokens(self) -> float:
+        """Cached tokens a head of this layer attends to, averaged over its heads."""
+        visible = getattr(self.store, "visible", None)
+        return float(visible.sum(dim=-1, dtype=torch.float32).mean()) if visible is not None \
+            else float(self.physical_length())
+
     def nbytes(self) -> int:
         """Bytes this layer holds now."""
         if self.store is not None:
@@ -138,6 +144,15 @@ class CompressedCache(DynamicCache):
 
     def dense_nbytes(self) -> int:
         return cache_dense_nbytes(self)
+
+    def attended_tokens(self) -> float:
+        """Cached tokens a head attends to, averaged over heads and layers.
+
+        Equal bytes can hold different numbers of tokens (SpindleKV's
+        codebooks make room for more), so this is what a budget buys.
+        """
+        layers = _layers(self)
+        return sum(layer.attended_tokens() for layer in layers) / max(1, len(layers))
 
     @property
     def compress_seconds(self) -> float:

@@ -47,7 +47,10 @@ class SpindleKV(PyramidKV):
     theta_v: float = 0.95
     encode_every: int = 64  # decoded tokens held dense before they are encoded together
     dense_fallback: bool = True  # store a layer's K or V densely where its codebook would not save bytes
-    min_saving: float = 0.0  # with the fallback: code a part only if it saves this fraction of its dense bytes
+    # With the fallback, code a part only if it saves this fraction of its dense bytes. A coded part is
+    # rebuilt at every decoding step, so one that saves little costs time for few bytes: at ratio 0.5
+    # on SmolLM2, 0.1 keeps 1-2% fewer tokens than 0 and decodes 4-6% faster.
+    min_saving: float = 0.1
     name: ClassVar[str] = "spindlekv"
 
     def __post_init__(self) -> None:
@@ -183,7 +186,7 @@ class _LayerPlan:
         """Columns stored for ``keep`` and per part (K, V) the bytes coded, or None for dense.
 
         A part is coded when its codebook makes it smaller than storing the
-        vectors as they are, by more than ``min_saving`` of the dense size
+        vectors as they are, by at least ``min_saving`` of the dense size
         (always, with ``dense_fallback=False``): dense parts are read as they
         are at each step, coded ones rebuilt. Coded keys also pay for their
         positions.
