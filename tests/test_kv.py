@@ -124,6 +124,15 @@ def test_pyramid_budget_per_layer(tiny_lm, prompt):
     assert kept[0] > kept[-1] and sum(kept) == math.floor(0.3 * N) * len(kept)
 
 
+def test_compression_outside_no_grad_keeps_no_graph(tiny_lm, prompt):
+    cache = SpindleKV(ratio=0.3, dense_fallback=False).cache(tiny_lm.model)
+    tiny_lm.model(prompt, past_key_values=cache)  # gradients on, as in a plain forward call
+    stores = [layer.store for layer in cache.layers]
+    tensors = [t for store in stores for part in (store.keys, store.values) for t in vars(part).values()
+               if isinstance(t, torch.Tensor)]
+    assert tensors and not any(t.requires_grad for t in tensors)
+
+
 def test_attended_tokens_are_the_tokens_each_head_sees(tiny_lm, prompt):
     assert compressed(tiny_lm.model, KVPress(), prompt).attended_tokens() == N
     assert compressed(tiny_lm.model, SnapKV(ratio=0.3), prompt).attended_tokens() == math.floor(0.3 * N)

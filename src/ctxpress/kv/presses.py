@@ -114,10 +114,11 @@ class KVPress:
             out = torch.nn.functional.scaled_dot_product_attention(
                 query, key, value, is_causal=True, scale=scaling, enable_gqa=key.shape[1] != query.shape[1]
             ).transpose(1, 2)
-        layer.scores = timed(state, lambda: self.score(query, key, scaling, columns))
-        if layer.layer_idx == state.num_layers - 1:
-            timed(state, lambda: self.compress(state))
-            state.compressed = True
+        with torch.no_grad():  # choosing and storing tokens is not differentiable: the cache keeps no graph
+            layer.scores = timed(state, lambda: self.score(query, key, scaling, columns))
+            if layer.layer_idx == state.num_layers - 1:
+                timed(state, lambda: self.compress(state))
+                state.compressed = True
         return out
 
     def score(self, query, key, scaling, columns) -> torch.Tensor | None:
