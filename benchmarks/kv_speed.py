@@ -9,7 +9,8 @@ compression). Reported:
 * compression seconds / prefill seconds (target: <= 0.3);
 * decode tokens/s, and its ratio to ``full`` (target: >= 0.9);
 * cached tokens a head attends to, as a fraction of the context (what the
-  bytes buy: SpindleKV's codebooks fit more tokens in the same bytes);
+  bytes buy: under SpindleKV a KV group stores the union of its heads'
+  choices, and its codebooks win room back);
 * peak resident memory of a process doing one such run.
 
 A method may carry options, ``NAME:KEY=VALUE[:KEY=VALUE...]`` (the same

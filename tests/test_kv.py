@@ -125,9 +125,12 @@ def test_pyramid_budget_per_layer(tiny_lm, prompt):
 
 
 def test_compression_outside_no_grad_keeps_no_graph(tiny_lm, prompt):
-    cache = SpindleKV(ratio=0.3, dense_fallback=False).cache(tiny_lm.model)
-    tiny_lm.model(prompt, past_key_values=cache)  # gradients on, as in a plain forward call
+    cache = SpindleKV(ratio=0.3, dense_fallback=False, encode_every=2).cache(tiny_lm.model)
+    tiny_lm.model(prompt[:, :-3], past_key_values=cache)  # gradients on, as in a plain forward call
+    for t in range(3):  # decoding encodes new tokens too
+        tiny_lm.model(prompt[:, -3 + t :][:, :1], past_key_values=cache)
     stores = [layer.store for layer in cache.layers]
+    assert all(len(store.keys.index[0]) > len(store.visible[0]) - 2 for store in stores)  # a tail was encoded
     tensors = [t for store in stores for part in (store.keys, store.values) for t in vars(part).values()
                if isinstance(t, torch.Tensor)]
     assert tensors and not any(t.requires_grad for t in tensors)

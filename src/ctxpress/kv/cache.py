@@ -62,8 +62,9 @@ class CompressedLayer(DynamicLayer):
         self.dtype_size = key_states.element_size()
         if self.store is None:
             return super().update(key_states, value_states)
-        self.store.append(key_states, value_states, start)
-        return self.store.materialize()
+        with torch.no_grad():  # like the compression, the store is for inference: it keeps no graph
+            self.store.append(key_states, value_states, start)
+            return self.store.materialize()
 
     def attend(self, module, query, key, value, attention_mask, scaling) -> torch.Tensor:
         """Attention for this layer's call; the prefill also scores and, last layer, compresses."""
@@ -148,8 +149,9 @@ class CompressedCache(DynamicCache):
     def attended_tokens(self) -> float:
         """Cached tokens a head attends to, averaged over heads and layers.
 
-        Equal bytes can hold different numbers of tokens (SpindleKV's
-        codebooks make room for more), so this is what a budget buys.
+        Equal bytes can hold different numbers of tokens (under SpindleKV a
+        KV group stores the union of its heads' choices, and codebooks win
+        room back), so this is what a byte budget buys.
         """
         layers = _layers(self)
         return sum(layer.attended_tokens() for layer in layers) / max(1, len(layers))

@@ -85,7 +85,7 @@ def _above(block: torch.Tensor, theta: float) -> tuple[np.ndarray, np.ndarray]:
     graph's cost next to the matrix products.
     """
     if block.device.type == "cpu":
-        return np.divmod(np.flatnonzero(block.numpy() > theta), block.shape[1])
+        return np.divmod(np.flatnonzero(block.detach().numpy() > theta), block.shape[1])
     i, j = torch.nonzero(block > theta, as_tuple=True)
     return i.cpu().numpy(), j.cpu().numpy()
 
