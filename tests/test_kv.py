@@ -136,6 +136,69 @@ def test_compression_outside_no_grad_keeps_no_graph(tiny_lm, prompt):
     assert tensors and not any(t.requires_grad for t in tensors)
 
 
+@pytest.mark.parametrize("press,options,needle", [
+    (SpindleKV, {"per_head": "maybe"}, "per_head must be true or false"),
+    (SpindleKV, {"evict": 0}, "evict must be true or false"),
+    (SpindleKV, {"encode_every": 0}, "encode_every"),
+    (SpindleKV, {"window": 1.5}, "window must be an integer"),
+    (SnapKV, {"window": 0}, "observation window"),
+    (SnapKV, {"window": "abc"}, "window must be an integer"),
+    (SnapKV, {"kernel": 0}, "kernel"),
+    (SnapKV, {"normalize": "bogus"}, "normalize must be one of"),
+    (PyramidKV, {"beta": -1.0}, "beta"),
+    (PyramidKV, {"beta": 2}, "beta"),
+    (StreamingLLM, {"sinks": -1}, "sinks"),
+    (H2O, {"window": -5}, "window"),
+    (KVPress, {"tokens": 2.5}, "tokens must be an integer"),
+])
+def test_press_options_are_checked_before_any_work(press, options, needle):
+    budget = {} if press is KVPress else {"ratio": 0.3}
+    with pytest.raises(InputError, match=needle):
+        press(**budget, **options)
+
+
+def test_pyramid_budget_keeps_a_token_in_every_layer():
+    assert min(pyramid_keep(3, 0.001, 30, 0)) == 1 and min(pyramid_keep(9, 1 / 9, 30, 0)) == 1
+
+
+def test_spindlekv_compresses_a_few_tokens(tiny_lm, prompt):
+    for length in (2, 3, 5):
+        cache = compressed(tiny_lm.model, SpindleKV(tokens=1), prompt[:, :length])
+        assert all(len(layer.store) >= 1 for layer in cache.layers)
+        with torch.no_grad():
+            tiny_lm.model(prompt[:, length : length + 1], past_key_values=cache)
+
+
+@pytest.mark.parametrize("press", [SnapKV(ratio=0.001), SpindleKV(ratio=0.001)], ids=["snapkv", "spindlekv"])
+def test_a_ratio_below_one_token_is_refused(tiny_lm, prompt, press):
+    # one token per layer is the least a cache can hold; a smaller budget is an error, not exceeded silently
+    with pytest.raises(InputError, match="smallest"):
+        compressed(tiny_lm.model, press, prompt)
+
+
+def test_beam_search_with_a_compressed_cache(tiny_lm, prompt):
+    kw = dict(max_new_tokens=4, num_beams=2, do_sample=False, pad_token_id=0)
+    plain = tiny_lm.model.generate(prompt, **kw)
+    kept_all = tiny_lm.model.generate(prompt, past_key_values=SnapKV(ratio=1.0).cache(tiny_lm.model), **kw)
+    assert torch.equal(plain, kept_all)  # nothing evicted: beams reorder the cache exactly as a dense one
+    with SnapKV(ratio=0.3)(tiny_lm.model):
+        assert tiny_lm.model.generate(prompt, **kw).shape == plain.shape
+    with pytest.raises(InputError, match="one prompt at a time"):
+        tiny_lm.model.generate(prompt, past_key_values=SpindleKV(ratio=0.3).cache(tiny_lm.model), **kw)
+
+
+def test_a_request_too_long_for_the_model_fails_before_any_prefill(tiny_lm, monkeypatch):
+    from ctxpress.kv import generation
+
+    def no_prefill(*args, **kwargs):
+        raise AssertionError("prefilled a request that cannot fit")
+
+    monkeypatch.setattr(generation, "CompressedContext", no_prefill)
+    with pytest.raises(InputError, match="the model handles 1024"):
+        generation.answer_questions(tiny_lm, "a short context", ["Why?", "How?"], "snapkv", ratio=0.5,
+                                    max_new_tokens=1020)
+
+
 def test_attended_tokens_are_the_tokens_each_head_sees(tiny_lm, prompt):
     assert compressed(tiny_lm.model, KVPress(), prompt).attended_tokens() == N
     assert compressed(tiny_lm.model, SnapKV(ratio=0.3), prompt).attended_tokens() == math.floor(0.3 * N)

@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 
 from ctxpress import models
-from ctxpress.errors import ModelLoadError
+from ctxpress.errors import InputError, ModelLoadError
 
 
 def test_cache_dir_from_environment(monkeypatch, tmp_path):
@@ -35,8 +35,8 @@ def test_directory_that_is_not_a_model(tmp_path):
         models.load_model(str(tmp_path), device="cpu")
 
 
-def test_bad_dtype():
-    with pytest.raises(ModelLoadError, match="dtype"):
+def test_bad_dtype_is_a_usage_error():
+    with pytest.raises(InputError, match="dtype"):
         models.load_model("smollm2-135m", device="cpu", dtype="float8")
 
 

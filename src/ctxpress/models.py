@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelLoadError
+from .errors import InputError, ModelLoadError
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -152,6 +152,10 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
 def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -159,11 +163,9 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tor
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in table:
-        raise ModelLoadError(f"unknown dtype '{dtype}' (use one of: {', '.join(table)})")
-    return table[dtype]
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype '{dtype}' (use one of: auto, {', '.join(DTYPES)})")
+    return DTYPES[dtype]
 
 
 def _looks_local(name: str) -> bool:

@@ -37,8 +37,9 @@ def pyramid_keep(n_tokens: int, keep_ratio: float, layers: int, window: int, bet
     if r_c < beta:  # below the pyramid's floor: spread evenly (continuous at r_c = beta)
         first = last = r_c
     shares = [first + (last - first) * i / (layers - 1) for i in range(layers)]
-    kept = [window + min(context, max(0, math.floor(s * context + 0.5))) for s in shares]
-    return _settle(kept, round(r_c * context) * layers + window * layers, window, n_tokens)
+    # every layer keeps at least one token: a layer with an empty cache has nothing to attend to
+    kept = [max(1, window + min(context, max(0, math.floor(s * context + 0.5)))) for s in shares]
+    return _settle(kept, round(r_c * context) * layers + window * layers, max(1, window), n_tokens)
 
 
 def _settle(kept: list[int], total: int, low: int, high: int) -> list[int]:

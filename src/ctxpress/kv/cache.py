@@ -79,6 +79,12 @@ class CompressedLayer(DynamicLayer):
             query = interleave(query)
         return bottom_right_attention(query, key, value, scaling, getattr(self.store, "mask", None))
 
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder the batch for beam search (stores that hold one prompt refuse several beams)."""
+        if self.store is None:
+            return super().reorder_cache(beam_idx)
+        self.store.reorder(beam_idx)
+
     def compress_to(self, store) -> None:
         """Replace the dense prefill tensors by ``store``."""
         self.store = store

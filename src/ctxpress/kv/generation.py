@@ -174,15 +174,17 @@ def answer_questions(
         raise InputError("max_new_tokens must be at least 1")
     tok = lm.tokenizer
     context_ids = prompt_ids(tok, context, "")[0]  # tokenized once, for every question
+    asked_ids = [question_ids(tok, question) for question in questions]
+    for asked in asked_ids:  # before any prefill: a request that cannot fit costs nothing
+        total = context_ids.shape[1] + asked.shape[1]
+        if total + max_new_tokens > lm.max_positions:
+            raise InputError(f"context, question and answer need {total + max_new_tokens} tokens; "
+                             f"the model handles {lm.max_positions}")
     results = []
     with lm.lock, PeakMemory(lm.device) as peak:
         shared = None if question_aware else CompressedContext(lm, context_ids, press)
-        for question in questions:
-            asked = question_ids(tok, question)
+        for asked in asked_ids:
             total = context_ids.shape[1] + asked.shape[1]
-            if total + max_new_tokens > lm.max_positions:
-                raise InputError(f"context, question and answer need {total + max_new_tokens} tokens; "
-                                 f"the model handles {lm.max_positions}")
             if question_aware:  # the question's last token is left out of the prefill for generate to feed
                 full = torch.cat([context_ids, asked], dim=1)
                 ctx, suffix = CompressedContext(lm, full[:, :-1], press), full[:, -1:]

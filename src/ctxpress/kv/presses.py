@@ -19,7 +19,9 @@ number of tokens each head keeps per layer, on average over layers.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,7 +34,7 @@ from ..attention import ATTN_IMPLEMENTATION, attention_implementation, attention
 from ..errors import InputError
 from .budget import pyramid_keep, uniform_keep
 from .cache import CompressedCache, CompressedLayer, PressState, convert_cache, new_state, timed
-from .scores import group_mean, pool, window_scores
+from .scores import NORMALIZE, group_mean, pool, window_scores
 from .store import DenseStore
 
 
@@ -47,6 +49,7 @@ class KVPress:
     needs_budget: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
+        self.check_types()
         if self.ratio is not None and self.tokens is not None:
             raise InputError("give a ratio or a token budget, not both")
         if self.ratio is not None and (isinstance(self.ratio, bool) or not 0 < self.ratio <= 1):
@@ -56,6 +59,27 @@ class KVPress:
             raise InputError(f"tokens must be a positive integer, got {self.tokens!r}")
         if self.needs_budget and self.ratio is None and self.tokens is None:
             raise InputError(f"{self.name} needs a budget: ratio (fraction of the cache) or tokens")
+
+    def check_types(self) -> None:
+        """Every option must have its declared type, so a mistyped value is an error
+        (``per_head=maybe`` is not silently true, ``window=abc`` fails before the prefill)."""
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            allowed = {t.strip() for t in str(field.type).split("|")}
+            if value is None and "None" in allowed:
+                continue
+            if isinstance(value, bool):
+                ok = "bool" in allowed
+            elif isinstance(value, numbers.Integral):
+                ok = bool(allowed & {"int", "float"})
+            elif isinstance(value, numbers.Real):
+                ok = "float" in allowed
+            else:
+                ok = isinstance(value, str) and "str" in allowed
+            if not ok:
+                kinds = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "text"}
+                wanted = " or ".join(kinds[t] for t in ("bool", "int", "float", "str") if t in allowed)
+                raise InputError(f"{self.name}: {field.name} must be {wanted}, got {value!r}")
 
     # -- the two ways in ---------------------------------------------------------------
     def cache(self, model: torch.nn.Module) -> CompressedCache:
@@ -151,11 +175,19 @@ class EvictionPress(KVPress):
     window: int = 32
     needs_budget: ClassVar[bool] = True
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.window < 0:
+            raise InputError(f"{self.name}: window must be >= 0 tokens, got {self.window}")
+
     def mean_keep(self, n: int) -> int:
         """Tokens kept per layer on average."""
         if self.tokens is not None:
             return min(n, self.tokens)
-        return min(n, max(1, math.floor(self.ratio * n)))
+        if self.ratio * n < 1:  # keeping one token would already exceed the budget
+            raise InputError(f"{self.name}: ratio {self.ratio:g} keeps less than one token of this {n}-token "
+                             f"prompt; the smallest ratio that fits is {1 / n:.2g}")
+        return min(n, math.floor(self.ratio * n))
 
     def keep_counts(self, n: int, layers: int) -> list[int]:
         return self.counts_for_mean(n, self.mean_keep(n), layers)
@@ -194,6 +226,11 @@ class StreamingLLM(EvictionPress):
     sinks: int = 4
     name: ClassVar[str] = "streaming"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sinks < 0:
+            raise InputError(f"streaming: sinks must be >= 0 tokens, got {self.sinks}")
+
     def score(self, query, key, scaling, columns) -> torch.Tensor:
         b, kv_heads, n, _ = key.shape
         recency = torch.arange(n, dtype=torch.float32, device=key.device)
@@ -220,6 +257,15 @@ class SnapKV(EvictionPress):
     normalize: str = "sum"
     name: ClassVar[str] = "snapkv"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.window < 1:
+            raise InputError(f"{self.name}: the observation window must hold at least 1 token, got {self.window}")
+        if self.kernel < 1:
+            raise InputError(f"{self.name}: kernel must be >= 1 token, got {self.kernel}")
+        if self.normalize not in NORMALIZE:
+            raise InputError(f"{self.name}: normalize must be one of {', '.join(NORMALIZE)}, got {self.normalize!r}")
+
     def score(self, query, key, scaling, columns) -> torch.Tensor:
         n = key.shape[2]
         scores = window_scores(query, key, min(self.window, n), scaling, self.normalize)
@@ -232,6 +278,12 @@ class PyramidKV(SnapKV):
 
     beta: float = 0.05
     name: ClassVar[str] = "pyramidkv"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.beta <= 1:
+            raise InputError(f"{self.name}: beta (the last layer's share of the context) must be in [0, 1], "
+                             f"got {self.beta}")
 
     def counts_for_mean(self, n: int, mean: int, layers: int) -> list[int]:
         window = min(self.effective_window(n), max(0, mean - 1))  # the window never exceeds the budget

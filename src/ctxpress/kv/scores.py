@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+NORMALIZE = ("sum", "position")  # how window scores are normalised (see window_scores)
+
 
 def window_scores(query: torch.Tensor, key: torch.Tensor, window: int, scaling: float,
                   normalize: str = "sum") -> torch.Tensor:

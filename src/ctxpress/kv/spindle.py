@@ -54,6 +54,7 @@ class SpindleKV(PyramidKV):
     name: ClassVar[str] = "spindlekv"
 
     def __post_init__(self) -> None:
+        self.check_types()  # before any rule reads a flag: evict=0 is a mistake, not False
         if not self.evict and (self.ratio is not None or self.tokens is not None):
             raise InputError("spindlekv with evict=False keeps every token: the codebook alone sets the size, "
                              "so it takes no ratio or token budget")
@@ -64,6 +65,8 @@ class SpindleKV(PyramidKV):
         for name in ("theta_k", "theta_v"):
             if not -1 <= getattr(self, name) <= 1:
                 raise InputError(f"{name} must be a cosine similarity in [-1, 1]")
+        if self.encode_every < 1:
+            raise InputError(f"encode_every must be >= 1 token, got {self.encode_every}")
         if self.evict:
             super().__post_init__()
 
@@ -110,6 +113,11 @@ class SpindleKV(PyramidKV):
             return sum(p.nbytes(c) for p, c in zip(plans, sizes)) <= target
 
         lo, hi = 1, k_max  # largest mean that fits, by bisection
+        if not fits(lo):
+            smallest = sum(p.nbytes(c) for p, c in zip(plans, counts(1))) / sum(p.dense_bytes for p in plans)
+            raise InputError(f"spindlekv: ratio {self.ratio:g} is below the smallest cache it can store for "
+                             f"this {n}-token prompt (one token per head and layer: {smallest:.2g} of the "
+                             "dense bytes); use a larger ratio")
         if fits(hi):
             lo = hi
         while lo < hi:

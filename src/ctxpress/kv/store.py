@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InputError
 from . import codebook as cb
 from .rope import interleave, phases, unrotate
 
@@ -58,6 +59,11 @@ class DenseStore:
     def append(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
         self.keys = torch.cat([self.keys, keys], dim=-2)
         self.values = torch.cat([self.values, values], dim=-2)
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        """Reorder the batch (beam search)."""
+        self.keys = self.keys.index_select(0, beam_idx.to(self.keys.device))
+        self.values = self.values.index_select(0, beam_idx.to(self.values.device))
 
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys, self.values
@@ -280,6 +286,11 @@ class HeadwiseStore:
         self.keys.append(keys[0], position)
         self.values.append(values[0], position)
         self.visible = torch.nn.functional.pad(self.visible, (0, keys.shape[2]), value=True)
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        """Beam search: one beam is this prompt itself; several cannot share one prompt's store."""
+        if beam_idx.numel() != 1:
+            raise InputError("spindlekv compresses one prompt at a time: beam search needs num_beams=1")
 
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (post-RoPE) and values, (1, kv_heads, columns, d); :attr:`mask` masks them per head."""
