@@ -123,6 +123,8 @@ def test_concurrent_requests_are_queued_not_crashed(base_url):
         ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "x"}],
                                              "kv_compression": {"method": "full", "ratio": 0.5}}).encode(),
          400, "takes no budget"),
+        ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "x"}], "kv_compression": {
+            "method": "spindlekv", "ratio": 0.3, "options": {"per_head": "no"}}}).encode(), 400, "true or false"),
         ("/v1/compress", json.dumps({"context": "x" * 70_000, "rate": 0.5}).encode(), 413, "bytes"),
         ("/v1/nothing", b"{}", 404, "Not Found"),
     ],
