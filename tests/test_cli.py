@@ -127,6 +127,13 @@ def test_generate_json(capsys, doc, tiny_model_dir):
     assert result["prefill_seconds"] > 0 and result["peak_memory_bytes"] > 0
 
 
+def test_generate_one_token_has_no_decode_speed(capsys, doc, tiny_model_dir):
+    code, out, err = run(capsys, "generate", "--context-file", doc, "--question", "Why?", "--kv", "snapkv",
+                         "--max-new-tokens", "1", "--model", tiny_model_dir, "--json")
+    assert code == 0, err
+    assert json.loads(out)["decode_tokens_per_second"] is None  # one token: no interval to time
+
+
 def test_generate_several_questions_one_cache(capsys, doc, tiny_model_dir):
     code, out, _ = run(capsys, "generate", "--context-file", doc, "--question", "Why?", "--question", "How?",
                        "--kv", "spindlekv", "--kv-option", "per_head=false", "--max-new-tokens", "3",

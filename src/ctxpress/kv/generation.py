@@ -34,7 +34,7 @@ class GenerationResult:
     full_cache_bytes: int  # a dense cache of the same prompt
     prefill_seconds: float  # prefill forward passes, compression excluded
     compress_seconds: float
-    decode_tokens_per_second: float
+    decode_tokens_per_second: float | None  # None when fewer than two tokens were generated: nothing to time
     peak_memory_bytes: int
     prompt_tokens: int
     generated_tokens: int
@@ -61,10 +61,11 @@ class _Clock(BaseStreamer):
         if self.then is not None:
             self.then.end()
 
-    def tokens_per_second(self) -> float:
+    def tokens_per_second(self) -> float | None:
+        """Decoding speed between the first and the last generated token; None with fewer than two."""
         generated = self.times[1:]
         if len(generated) < 2:
-            return 0.0
+            return None
         return (len(generated) - 1) / (generated[-1] - generated[0])
 
 
@@ -118,8 +119,8 @@ class CompressedContext:
 
     def generate(self, suffix_ids: torch.Tensor, max_new_tokens: int, min_new_tokens: int = 0, *,
                  streamer: BaseStreamer | None = None, temperature: float | None = None,
-                 top_p: float | None = None, stopping=None) -> tuple[torch.Tensor, float]:
-        """Continuation of prefix + suffix: (new token ids, decoding tokens per second).
+                 top_p: float | None = None, stopping=None) -> tuple[torch.Tensor, float | None]:
+        """Continuation of prefix + suffix: (new token ids, decoding tokens per second or None).
 
         Greedy unless ``temperature`` > 0; ``streamer`` also receives the tokens;
         ``stopping`` is a transformers ``StoppingCriteriaList``.
