@@ -157,6 +157,18 @@ def test_press_options_are_checked_before_any_work(press, options, needle):
         press(**budget, **options)
 
 
+def test_a_press_subclass_may_have_options_of_other_types():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Tuned(SnapKV):
+        layers_to_skip: tuple[int, ...] = (0,)
+
+    assert Tuned(ratio=0.3, layers_to_skip=(1, 2)).layers_to_skip == (1, 2)
+    with pytest.raises(InputError, match="window must be an integer"):
+        Tuned(ratio=0.3, window="wide")
+
+
 def test_pyramid_budget_keeps_a_token_in_every_layer():
     assert min(pyramid_keep(3, 0.001, 30, 0)) == 1 and min(pyramid_keep(9, 1 / 9, 30, 0)) == 1
 

@@ -65,7 +65,10 @@ class KVPress:
         (``per_head=maybe`` is not silently true, ``window=abc`` fails before the prefill)."""
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            allowed = {t.strip() for t in str(field.type).split("|")}
+            annotation = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+            allowed = {t.strip() for t in annotation.split("|")}
+            if not allowed <= {"bool", "int", "float", "str", "None"}:
+                continue  # a richer annotation (a subclass's own option): its class checks it
             if value is None and "None" in allowed:
                 continue
             if isinstance(value, bool):
