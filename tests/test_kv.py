@@ -150,6 +150,8 @@ def test_compression_outside_no_grad_keeps_no_graph(tiny_lm, prompt):
     (StreamingLLM, {"sinks": -1}, "sinks"),
     (H2O, {"window": -5}, "window"),
     (KVPress, {"tokens": 2.5}, "tokens must be an integer"),
+    (KVPress, {"tokens": True}, "tokens must be an integer"),
+    (KVPress, {"ratio": True}, "ratio must be a number"),
 ])
 def test_press_options_are_checked_before_any_work(press, options, needle):
     budget = {} if press is KVPress else {"ratio": 0.3}

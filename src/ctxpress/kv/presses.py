@@ -52,10 +52,9 @@ class KVPress:
         self.check_types()
         if self.ratio is not None and self.tokens is not None:
             raise InputError("give a ratio or a token budget, not both")
-        if self.ratio is not None and (isinstance(self.ratio, bool) or not 0 < self.ratio <= 1):
+        if self.ratio is not None and not 0 < self.ratio <= 1:  # types are checked above
             raise InputError(f"ratio must be in (0, 1], got {self.ratio!r}")
-        if self.tokens is not None and (isinstance(self.tokens, bool) or not isinstance(self.tokens, int)
-                                        or self.tokens < 1):
+        if self.tokens is not None and self.tokens < 1:
             raise InputError(f"tokens must be a positive integer, got {self.tokens!r}")
         if self.needs_budget and self.ratio is None and self.tokens is None:
             raise InputError(f"{self.name} needs a budget: ratio (fraction of the cache) or tokens")
