@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ctxpress.compat import with_cache
 from ctxpress.errors import InputError
 
 from common import data_dir, essays_text, markdown_table, run_child
@@ -86,7 +87,7 @@ def decode_rounds(methods: list[str], ratio: float, tokens: int, rounds: int, da
         cache = ctx.cache.copy()
         attended[method] = cache.attended_tokens() / context_ids.shape[-1]
         with torch.no_grad():
-            logits = lm.model(question_ids, past_key_values=cache).logits[:, -1:]
+            logits = lm.model(question_ids, **with_cache(lm.model, cache)).logits[:, -1:]
         state[method] = [cache, logits.argmax(-1)]
     steps: dict[str, list[float]] = {m: [] for m in state}
     with torch.no_grad():
@@ -94,7 +95,7 @@ def decode_rounds(methods: list[str], ratio: float, tokens: int, rounds: int, da
             for method, (cache, token) in state.items():
                 start = time.perf_counter()
                 for _ in range(STEPS):
-                    token = lm.model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+                    token = lm.model(token, **with_cache(lm.model, cache)).logits[:, -1:].argmax(-1)
                 steps[method].append((time.perf_counter() - start) / STEPS)
                 state[method][1] = token
     return {m: {"speed": 1 / statistics.median(s), "attended": attended[m]} for m, s in steps.items()}

@@ -8,6 +8,7 @@ import torch
 from transformers import DynamicCache
 
 from ctxpress.attention import bottom_right_attention
+from ctxpress.compat import with_cache
 from ctxpress.errors import InputError
 from ctxpress.kv import (
     DEFAULT_RATIO,
@@ -49,14 +50,14 @@ def greedy(model, ids, **kw):
 def compressed(model, press, ids):
     cache = press.cache(model)
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **with_cache(model, cache))
     return cache
 
 
 def test_full_matches_plain_generate(lm, prompt):
     plain = greedy(lm.model, prompt)
     cache = KVPress().cache(lm.model)
-    assert torch.equal(greedy(lm.model, prompt, past_key_values=cache), plain)
+    assert torch.equal(greedy(lm.model, prompt, **with_cache(lm.model, cache)), plain)
     with KVPress()(lm.model):
         assert torch.equal(greedy(lm.model, prompt), plain)
     assert cache.nbytes() == cache.dense_nbytes()
@@ -66,7 +67,7 @@ def test_full_matches_plain_generate(lm, prompt):
 def test_both_forms_agree_and_shrink(lm, prompt, name):
     press = build_press(name, ratio=0.3)
     cache = press.cache(lm.model)
-    a = greedy(lm.model, prompt, past_key_values=cache, min_new_tokens=12)
+    a = greedy(lm.model, prompt, **with_cache(lm.model, cache), min_new_tokens=12)
     with press(lm.model):
         b = greedy(lm.model, prompt, min_new_tokens=12)
     assert torch.equal(a, b)
@@ -80,7 +81,7 @@ def reference_layers(model, ids):
 
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), attention_implementation(model, "eager"):
-        out = model(ids, past_key_values=cache, output_attentions=True)
+        out = model(ids, **with_cache(model, cache), output_attentions=True)
     return [(layer.keys, layer.values) for layer in cache.layers], out.attentions
 
 
@@ -126,9 +127,9 @@ def test_pyramid_budget_per_layer(tiny_lm, prompt):
 
 def test_compression_outside_no_grad_keeps_no_graph(tiny_lm, prompt):
     cache = SpindleKV(ratio=0.3, dense_fallback=False, encode_every=2).cache(tiny_lm.model)
-    tiny_lm.model(prompt[:, :-3], past_key_values=cache)  # gradients on, as in a plain forward call
+    tiny_lm.model(prompt[:, :-3], **with_cache(tiny_lm.model, cache))  # gradients on, as in a plain forward call
     for t in range(3):  # decoding encodes new tokens too
-        tiny_lm.model(prompt[:, -3 + t :][:, :1], past_key_values=cache)
+        tiny_lm.model(prompt[:, -3 + t :][:, :1], **with_cache(tiny_lm.model, cache))
     stores = [layer.store for layer in cache.layers]
     assert all(len(store.keys.index[0]) > len(store.visible[0]) - 2 for store in stores)  # a tail was encoded
     tensors = [t for store in stores for part in (store.keys, store.values) for t in vars(part).values()
@@ -180,7 +181,7 @@ def test_spindlekv_compresses_a_few_tokens(tiny_lm, prompt):
         cache = compressed(tiny_lm.model, SpindleKV(tokens=1), prompt[:, :length])
         assert all(len(layer.store) >= 1 for layer in cache.layers)
         with torch.no_grad():
-            tiny_lm.model(prompt[:, length : length + 1], past_key_values=cache)
+            tiny_lm.model(prompt[:, length : length + 1], **with_cache(tiny_lm.model, cache))
 
 
 @pytest.mark.parametrize("press", [SnapKV(ratio=0.001), SpindleKV(ratio=0.001)], ids=["snapkv", "spindlekv"])
@@ -193,12 +194,12 @@ def test_a_ratio_below_one_token_is_refused(tiny_lm, prompt, press):
 def test_beam_search_with_a_compressed_cache(tiny_lm, prompt):
     kw = dict(max_new_tokens=4, num_beams=2, do_sample=False, pad_token_id=0)
     plain = tiny_lm.model.generate(prompt, **kw)
-    kept_all = tiny_lm.model.generate(prompt, past_key_values=SnapKV(ratio=1.0).cache(tiny_lm.model), **kw)
+    kept_all = tiny_lm.model.generate(prompt, **with_cache(tiny_lm.model, SnapKV(ratio=1.0).cache(tiny_lm.model)), **kw)
     assert torch.equal(plain, kept_all)  # nothing evicted: beams reorder the cache exactly as a dense one
     with SnapKV(ratio=0.3)(tiny_lm.model):
         assert tiny_lm.model.generate(prompt, **kw).shape == plain.shape
     with pytest.raises(InputError, match="one prompt at a time"):
-        tiny_lm.model.generate(prompt, past_key_values=SpindleKV(ratio=0.3).cache(tiny_lm.model), **kw)
+        tiny_lm.model.generate(prompt, **with_cache(tiny_lm.model, SpindleKV(ratio=0.3).cache(tiny_lm.model)), **kw)
 
 
 def test_a_request_too_long_for_the_model_fails_before_any_prefill(tiny_lm, monkeypatch):
@@ -224,7 +225,7 @@ def test_attended_tokens_are_the_tokens_each_head_sees(tiny_lm, prompt):
     spindle = compressed(tiny_lm.model, SpindleKV(tokens=budget, codebook=False), prompt)
     assert spindle.attended_tokens() >= pyramid.attended_tokens()
     with torch.no_grad():  # a decoded token is seen by every head
-        tiny_lm.model(prompt[:, -1:], past_key_values=spindle)
+        tiny_lm.model(prompt[:, -1:], **with_cache(tiny_lm.model, spindle))
     assert spindle.attended_tokens() >= pyramid.attended_tokens() + 1
 
 
@@ -480,7 +481,7 @@ def test_decode_growth_is_bounded(tiny_lm, prompt):
     for press in (SnapKV(ratio=0.3), SpindleKV(ratio=0.3), SpindleKV(ratio=0.3, codebook=False)):
         cache = compressed(tiny_lm.model, press, prompt[:, :-1])
         after_prefill, dense_prompt = cache.nbytes(), cache.dense_nbytes()
-        out = greedy(tiny_lm.model, prompt, past_key_values=cache, min_new_tokens=12)
+        out = greedy(tiny_lm.model, prompt, **with_cache(tiny_lm.model, cache), min_new_tokens=12)
         new = out.shape[1] - N
         # a new token costs at most its dense size plus, per layer and KV head, the
         # codebook's index and magnitude for K and V, its position and one mask
@@ -535,7 +536,7 @@ def test_decoded_tokens_wait_dense_then_encode(tiny_lm, prompt, fallback):
     cache = compressed(tiny_lm.model, press, prompt[:, :-1])
     stores = [layer.store for layer in cache.layers]
     listed = [len(store) for store in stores]
-    greedy(tiny_lm.model, prompt, past_key_values=cache, min_new_tokens=6, max_new_tokens=6)
+    greedy(tiny_lm.model, prompt, **with_cache(tiny_lm.model, cache), min_new_tokens=6, max_new_tokens=6)
     # 6 tokens fed (the last prompt token and 5 generated): coded parts have encoded 4, 2 wait
     for store, before in zip(stores, listed):
         assert len(store) == before + 6 and bool(store.visible[:, -6:].all())  # every head sees every new token
@@ -549,11 +550,11 @@ def test_decoded_tokens_wait_dense_then_encode(tiny_lm, prompt, fallback):
 def test_encoding_the_tail_keeps_each_token_at_its_position(tiny_lm, prompt):
     cache = compressed(tiny_lm.model, SpindleKV(ratio=0.3, encode_every=4, dense_fallback=False), prompt[:, :-3])
     with torch.no_grad():
-        tiny_lm.model(prompt[:, -3:], past_key_values=cache)  # three tokens wait in the tail
+        tiny_lm.model(prompt[:, -3:], **with_cache(tiny_lm.model, cache))  # three tokens wait in the tail
         for layer in cache.layers:
             assert layer.store.keys.tail.shape[1] == layer.store.values.tail.shape[1] == 3
         waiting = [layer.store.materialize() for layer in cache.layers]
-        tiny_lm.model(torch.tensor([[7]]), past_key_values=cache)  # the fourth: all four are encoded
+        tiny_lm.model(torch.tensor([[7]]), **with_cache(tiny_lm.model, cache))  # the fourth: all four are encoded
     for layer, (k0, v0) in zip(cache.layers, waiting):
         assert layer.store.keys.tail.shape[1] == layer.store.values.tail.shape[1] == 0
         k1, v1 = layer.store.materialize()
@@ -570,9 +571,9 @@ def test_copy_serves_several_questions(tiny_lm, prompt):
     cache = compressed(tiny_lm.model, SpindleKV(ratio=0.3), prompt)
     size = cache.nbytes()
     q1, q2 = torch.randint(0, 300, (1, 6)), torch.randint(0, 300, (1, 9))
-    first = greedy(tiny_lm.model, torch.cat([prompt, q1], 1), past_key_values=cache.copy())
-    again = greedy(tiny_lm.model, torch.cat([prompt, q1], 1), past_key_values=cache.copy())
-    greedy(tiny_lm.model, torch.cat([prompt, q2], 1), past_key_values=cache.copy())
+    first = greedy(tiny_lm.model, torch.cat([prompt, q1], 1), **with_cache(tiny_lm.model, cache.copy()))
+    again = greedy(tiny_lm.model, torch.cat([prompt, q1], 1), **with_cache(tiny_lm.model, cache.copy()))
+    greedy(tiny_lm.model, torch.cat([prompt, q2], 1), **with_cache(tiny_lm.model, cache.copy()))
     assert torch.equal(first, again)
     assert cache.nbytes() == size and cache.get_seq_length() == N
 
@@ -585,8 +586,8 @@ def test_question_after_compression_is_causal(tiny_lm, prompt, press):
     a = compressed(tiny_lm.model, press, prompt)
     b = a.copy()
     with torch.no_grad():
-        together = tiny_lm.model(q, past_key_values=a).logits
-        single = torch.cat([tiny_lm.model(q[:, i:i + 1], past_key_values=b).logits for i in range(7)], 1)
+        together = tiny_lm.model(q, **with_cache(tiny_lm.model, a)).logits
+        single = torch.cat([tiny_lm.model(q[:, i:i + 1], **with_cache(tiny_lm.model, b)).logits for i in range(7)], 1)
     torch.testing.assert_close(together, single, atol=1e-4, rtol=1e-4)
 
 
@@ -610,14 +611,15 @@ def test_visible_mask_equals_attending_to_each_heads_own_tokens():
 def test_batch_of_equal_prompts_and_padding_error(tiny_lm):
     torch.manual_seed(2)
     ids = torch.randint(1, 300, (2, 80))
-    out = greedy(tiny_lm.model, ids, past_key_values=SnapKV(ratio=0.5).cache(tiny_lm.model))
+    out = greedy(tiny_lm.model, ids, **with_cache(tiny_lm.model, SnapKV(ratio=0.5).cache(tiny_lm.model)))
     assert out.shape == (2, 92)
     with pytest.raises(InputError, match="batch size 1"):
-        greedy(tiny_lm.model, ids, past_key_values=SpindleKV(ratio=0.5).cache(tiny_lm.model))
+        greedy(tiny_lm.model, ids, **with_cache(tiny_lm.model, SpindleKV(ratio=0.5).cache(tiny_lm.model)))
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
     with pytest.raises(InputError, match="unpadded"):
-        greedy(tiny_lm.model, ids, attention_mask=mask, past_key_values=SnapKV(ratio=0.5).cache(tiny_lm.model))
+        cache = SnapKV(ratio=0.5).cache(tiny_lm.model)
+        greedy(tiny_lm.model, ids, attention_mask=mask, **with_cache(tiny_lm.model, cache))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -628,7 +630,7 @@ def test_half_precision(tokenizer, dtype):
     ids = torch.randint(1, 300, (1, 100))
     for press in (SnapKV(ratio=0.3), SpindleKV(ratio=0.3)):
         cache = press.cache(model)
-        out = greedy(model, ids, past_key_values=cache)
+        out = greedy(model, ids, **with_cache(model, cache))
         assert out.shape == (1, 112)
         room = ROOM if isinstance(press, SpindleKV) else 0  # dense parts reserve room for new tokens
         assert cache.nbytes() <= 0.3 * cache.dense_nbytes() + (12 + room) * cache.dense_nbytes() / 112 + 1
@@ -662,7 +664,7 @@ def test_positions_survive_eviction(tiny_lm, prompt):
     cache = compressed(model, StreamingLLM(tokens=keep), prompt)  # same kept set in every layer
     question = torch.randint(1, 300, (1, 6))
     with torch.no_grad():
-        got = model(question, past_key_values=cache).logits
+        got = model(question, **with_cache(model, cache)).logits
         full = torch.cat([prompt, question], dim=1)
         total = full.shape[1]
         visible = torch.ones(total, total, dtype=torch.bool).tril()
@@ -692,11 +694,11 @@ def test_other_llama_family_decoders(arch):
     model = model_cls(config).eval()
     ids = torch.randint(1, 300, (1, 120))
     plain = greedy(model, ids)
-    assert torch.equal(greedy(model, ids, past_key_values=KVPress().cache(model)), plain)
+    assert torch.equal(greedy(model, ids, **with_cache(model, KVPress().cache(model))), plain)
     for press in (SnapKV(ratio=0.3), SpindleKV(ratio=0.3)):
         cache = compressed(model, press, ids[:, :-1])
         assert cache.nbytes() <= 0.3 * cache.dense_nbytes()
-        out = greedy(model, ids, past_key_values=cache, min_new_tokens=12)
+        out = greedy(model, ids, **with_cache(model, cache), min_new_tokens=12)
         assert out.shape == (1, 132)
 
 

@@ -25,6 +25,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from ..attention import bottom_right_attention, claim_next_attention
+from ..compat import query_length
 from ..errors import InputError
 from .rope import interleave
 
@@ -99,9 +100,9 @@ class CompressedLayer(DynamicLayer):
             return len(self.store)
         return 0 if self.keys is None or self.keys.numel() == 0 else self.keys.shape[-2]
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query: int | torch.Tensor) -> tuple[int, int]:
         kept = self.physical_length()
-        return kept + query_length, self.seen - kept
+        return kept + query_length(query), self.seen - kept
 
     def attended_tokens(self) -> float:
         """Cached tokens a head of this layer attends to, averaged over its heads."""
@@ -134,7 +135,8 @@ class CompressedLayer(DynamicLayer):
 class CompressedCache(DynamicCache):
     """A ``DynamicCache`` whose layers a press compresses after the first prefill.
 
-    Pass it to ``model(...)`` or ``model.generate(..., past_key_values=cache)``.
+    Pass it to ``model(...)`` or ``model.generate(...)`` as ``cache=`` (``past_key_values=`` on
+    transformers releases that predate the rename; :func:`ctxpress.compat.with_cache` picks the right one).
     ``nbytes()`` is what it holds, ``dense_nbytes()`` what a dense cache of the
     same tokens would hold; ``copy()`` forks it, e.g. to answer several
     questions from one compressed context.

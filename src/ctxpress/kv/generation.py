@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from ..compat import with_cache
 from ..errors import InputError
 from ..memory import PeakMemory
 from ..models import LoadedModel
@@ -108,7 +109,8 @@ class CompressedContext:
         self.cache = press.cache(lm.model)
         start = time.perf_counter()
         with torch.no_grad():
-            out = lm.model(input_ids=self.prefix_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            out = lm.model(input_ids=self.prefix_ids, use_cache=True, logits_to_keep=1,
+                           **with_cache(lm.model, self.cache))
         if self.prefix_ids.device.type == "cuda":
             torch.cuda.synchronize(self.prefix_ids.device)
         self.last_logits = out.logits[0, -1].float()  # predicts the first token after the prefix
@@ -132,7 +134,7 @@ class CompressedContext:
             "do_sample": False, "temperature": None, "top_p": None}
         with torch.no_grad():
             out = self.lm.model.generate(
-                full, past_key_values=self.cache.copy(), max_new_tokens=max_new_tokens,
+                full, **with_cache(self.lm.model, self.cache.copy()), max_new_tokens=max_new_tokens,
                 min_new_tokens=min(min_new_tokens, max_new_tokens), top_k=None, streamer=clock,
                 stopping_criteria=stopping, **sampling,
                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
@@ -141,7 +143,7 @@ class CompressedContext:
     def next_token_logits(self, suffix_ids: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: (len(suffix), vocab) float32 logits, row i predicting ``suffix[i]``."""
         with torch.no_grad():
-            out = self.lm.model(input_ids=suffix_ids.to(self.lm.device), past_key_values=self.cache.copy())
+            out = self.lm.model(input_ids=suffix_ids.to(self.lm.device), **with_cache(self.lm.model, self.cache.copy()))
         return torch.cat([self.last_logits[None], out.logits[0, :-1].float()])
 
 

@@ -7,7 +7,7 @@ the scores layer by layer, then calls :meth:`KVPress.compress` once. Two
 ways to use any press::
 
     cache = SnapKV(ratio=0.2).cache(model)            # explicit cache
-    model.generate(ids, past_key_values=cache, ...)
+    model.generate(ids, cache=cache, ...)              # past_key_values= before transformers 5.2x
 
     with SnapKV(ratio=0.2)(model):                     # context manager
         model.generate(ids, ...)
@@ -31,6 +31,7 @@ from typing import ClassVar
 import torch
 
 from ..attention import ATTN_IMPLEMENTATION, attention_implementation, attention_with_column_sums, register
+from ..compat import cache_from_kwargs
 from ..errors import InputError
 from .budget import pyramid_keep, uniform_keep
 from .cache import CompressedCache, CompressedLayer, PressState, convert_cache, new_state, timed
@@ -107,7 +108,7 @@ class KVPress:
             return states[cache]
 
         def convert(module, args, kwargs):
-            cache = kwargs.get("past_key_values")
+            cache = cache_from_kwargs(kwargs)
             if cache is not None and hasattr(cache, "layers"):
                 convert_cache(cache, state_for, module.layer_idx)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..compat import with_cache
 from ..progress import progress_bar
 from .job import Job
 from .selection import select_drops
@@ -51,7 +52,7 @@ class SegmentedMethod:
             for seg_lo, seg_hi in self._segments(job, lo, hi):
                 seg_ids = job.context.ids[token_start[seg_lo] : token_start[seg_hi]]
                 inp = torch.cat([pending, seg_ids]).to(device)
-                logits = model(input_ids=inp[None], past_key_values=cache, use_cache=True).logits[0].float()
+                logits = model(input_ids=inp[None], use_cache=True, **with_cache(model, cache)).logits[0].float()
                 # Row r of the logits predicts input r + 1; the first segment token
                 # is predicted by the last pending token, or by the previous call.
                 if len(pending):
