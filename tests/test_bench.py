@@ -8,11 +8,20 @@ import pytest
 import torch
 
 from ctxpress.bench import report
+from ctxpress.bench.catalog import TASKS
 from ctxpress.bench.data import find_data_dir
-from ctxpress.bench.metrics import best_subspan_em, contains_exactly, mean_kl, mean_nll, normalize_answer
+from ctxpress.bench.metrics import (
+    answer_survives,
+    best_subspan_em,
+    contains_exactly,
+    mean_kl,
+    mean_nll,
+    normalize_answer,
+)
 from ctxpress.bench.profiles import Config, Profile, profile
 from ctxpress.bench.runner import RESULTS, Runner
-from ctxpress.bench.tasks import NQ, KVRetrieval, NeedleInHaystack
+from ctxpress.bench.synthetic import CommonWords, MultiKeyNeedle, VariableTracking
+from ctxpress.bench.tasks import NQ, KVRetrieval, NeedleInHaystack, split_indices
 from ctxpress.cli import main
 from ctxpress.errors import InputError
 from ctxpress.jsonl import read_records
@@ -62,8 +71,8 @@ def test_metrics():
 
 
 def test_nq_examples(data_dir):
-    examples = NQ(documents=4, gold_positions=(0, 3)).examples(data_dir, 4, seed=0)
-    again = NQ(documents=4, gold_positions=(0, 3)).examples(data_dir, 4, seed=0)
+    examples = NQ(documents=4, gold_positions=(0, 3)).examples(data_dir, 4, seed=0, split="dev")
+    again = NQ(documents=4, gold_positions=(0, 3)).examples(data_dir, 4, seed=0, split="dev")
     assert [e.documents for e in examples] == [e.documents for e in again]  # deterministic
     for i, example in enumerate(examples):
         position = (0, 3)[i % 2]
@@ -74,8 +83,26 @@ def test_nq_examples(data_dir):
         assert example.question.startswith(f"Question: who is item {i}") and example.answers == [f"Person{i}"]
 
 
+def test_dev_and_report_splits_are_disjoint(data_dir, tokenizer):
+    assert list(split_indices(12, "dev")) == list(range(6)) and list(split_indices(12, "report")) == list(range(6, 12))
+    for task in (NQ(documents=3), KVRetrieval(pairs=4), NeedleInHaystack(lengths=(200,), depths=(0.5,))):
+        dev = task.examples(data_dir, 50, seed=0, tokenizer=tokenizer, split="dev")
+        report_ = task.examples(data_dir, 50, seed=0, tokenizer=tokenizer, split="report")
+        assert dev and report_
+        assert not {e.question + e.answers[0] for e in dev} & {e.question + e.answers[0] for e in report_}
+        assert not {e.context for e in dev} & {e.context for e in report_}
+    with pytest.raises(ValueError, match="unknown split"):
+        split_indices(12, "test")
+
+
+def test_answer_survival():
+    assert answer_survives("Document [1] It was the Eiffel Tower!", ["the eiffel tower", "Paris"]) == 1.0
+    assert answer_survives("It was the Eiffel.", ["Eiffel Tower"]) == 0.0
+    assert answer_survives("number is 12345 67.", ["1234567"]) == 0.0  # a shredded number is lost
+
+
 def test_kv_examples_keep_gold_at_relative_position(data_dir):
-    example = KVRetrieval(pairs=6).examples(data_dir, 1, seed=0)[0]
+    example = KVRetrieval(pairs=6).examples(data_dir, 1, seed=0, split="dev")[0]
     pairs = json.loads(example.context.removeprefix("JSON data:\n"))
     key = example.question.split('"')[1]
     assert len(pairs) == 6 and pairs[key] == example.answers[0]
@@ -189,3 +216,52 @@ def test_cli_bench(tmp_path, data_dir, tiny_model_dir, capsys):
     assert code == 2 and "unknown task poetry" in capsys.readouterr().err
     code = main(["bench", "--data-dir", str(tmp_path / "nothing"), "--model", tiny_model_dir])
     assert code == 2 and "--data-dir" in capsys.readouterr().err
+
+
+def test_question_aware_rows_score_the_same_answer_tokens(tmp_path, data_dir, tiny_lm):
+    """A press that keeps everything gives the full context's answer logits in both settings, so the
+    question-aware rows are aligned on the same answer tokens (KL ~ 0, same NLL)."""
+    grid = Profile("aware", {"nq": (NQ(documents=3, gold_positions=(1,)), 2)}, prompt_methods=(),
+                   kv_methods=("snapkv",), kv_ratios=(1.0,), kv_settings=("agnostic", "aware"), max_new_tokens=3)
+    assert [c.label for c in grid.configs()] == ["full", "kv:snapkv@1", "kv:snapkv@1:aware"]
+    rows = read_records(Runner(tiny_lm, grid, data_dir, tmp_path, progress=False).run())
+    by = {(r["example"], r["config"]): r for r in rows}
+    for example in {r["example"] for r in rows}:
+        full = by[(example, "full")]
+        for label in ("kv:snapkv@1", "kv:snapkv@1:aware"):
+            assert by[(example, label)]["kl"] == pytest.approx(0.0, abs=1e-5)
+            assert by[(example, label)]["nll"] == pytest.approx(full["nll"], rel=1e-4)
+            assert by[(example, label)]["answer"] == full["answer"]
+    assert {r["kv_setting"] for r in rows} == {"agnostic", "aware"}
+
+
+def test_profile_restricted_to_methods():
+    grid = profile("prompt").only(["dac-static", "random"])
+    assert {c.prompt_method for c in grid.configs()} == {None, "dac-static", "random"}
+    assert len(grid.configs()) == 1 + 2 * 2  # full, two methods at two rates
+    with pytest.raises(InputError, match="no method snapkv"):
+        profile("prompt").only(["snapkv"])
+    kv = profile("kv")
+    assert len(kv.configs()) == 1 + 5 * 3 * 2 and sum(count for _, count in kv.tasks.values()) >= 160
+
+
+def test_generated_tasks_hold_their_facts(data_dir, tokenizer):
+    multi = MultiKeyNeedle(lengths=(300,), needles=3).examples(data_dir, 3, seed=0, tokenizer=tokenizer)
+    for example in multi:
+        key = example.question.split(" for ")[1].split(" mentioned")[0]
+        assert f"The special magic number for {key} is {example.answers[0]}." in example.context
+        assert example.context.count("The special magic number for") == 3
+        assert example.survives(example.context) == 1.0
+    chain = VariableTracking(lengths=(300,), hops=2).examples(data_dir, 2, seed=0, tokenizer=tokenizer)
+    for example in chain:
+        names = example.answers
+        value = example.question.split("value ")[1].split(",")[0]
+        text = example.context
+        assert text.index(f"VAR {names[0]} = {value}.") < text.index(f"VAR {names[1]} = VAR {names[0]}.") \
+            < text.index(f"VAR {names[2]} = VAR {names[1]}.")
+        assert VariableTracking.score(" ".join(names[:2]), example) == pytest.approx(2 / 3)
+    words = CommonWords(frequent=2, frequent_count=5, rare=4, rare_count=2).examples(data_dir, 1, seed=0)[0]
+    items = [line.split(". ", 1)[1] for line in words.context.splitlines()]
+    assert len(items) == 2 * 5 + 4 * 2 and all(items.count(w) == 5 for w in words.answers)
+    assert CommonWords.score(" and ".join(words.answers).upper(), words) == 1.0
+    assert set(TASKS) >= {"niah-multikey", "variable-tracking", "common-words"}

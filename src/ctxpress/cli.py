@@ -143,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object per question")
     g.set_defaults(handler=cmd_generate)
 
+    from .bench.catalog import TASKS
     from .bench.profiles import PROFILES
-    from .bench.tasks import TASKS
+    from .bench.tasks import SPLITS
 
     b = sub.add_parser(
         "bench", help="evaluate prompt and KV methods on real tasks",
@@ -154,7 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--profile", default="quick", choices=PROFILES, help="grid and task sizes (default: quick)")
     b.add_argument("--tasks", default=",".join(TASKS), metavar="LIST",
                    help=f"comma-separated subset of {', '.join(TASKS)}")
-    b.add_argument("--examples", type=_positive_int, metavar="N", help="at most N examples per task")
+    b.add_argument("--examples", type=_positive_int, metavar="N", help="at most N examples per task (quick looks)")
+    b.add_argument("--methods", metavar="LIST", help="comma-separated subset of the profile's prompt and KV methods "
+                   "(the full-context reference always runs)")
+    b.add_argument("--split", default="report", choices=SPLITS,
+                   help="dev: the first half of each data file, for tuning; report (default): the second half")
     b.add_argument("--out", metavar="DIR", help="output directory (default: bench-out/PROFILE)")
     b.add_argument("--data-dir", metavar="DIR", help="evaluation data (default: $CTXPRESS_DATA or ../shared/data)")
     b.add_argument("--seed", type=int, default=0, help="example construction seed (default 0)")
@@ -264,10 +269,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .bench import report
+    from .bench.catalog import TASKS
     from .bench.data import find_data_dir
     from .bench.profiles import profile
     from .bench.runner import RESULTS, Runner
-    from .bench.tasks import TASKS
     from .jsonl import read_records
     from .models import load_model
 
@@ -276,15 +281,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if unknown or not tasks:
         raise InputError(f"unknown task {', '.join(unknown) or '(none)'} (choose from: {', '.join(TASKS)})")
     chosen = profile(args.profile)
+    if args.methods is not None:
+        chosen = chosen.only([m.strip() for m in args.methods.split(",") if m.strip()])
     data = find_data_dir(args.data_dir, tasks)
     out = Path(args.out or Path("bench-out") / args.profile)
     if args.fresh and (out / RESULTS).exists():
         (out / RESULTS).unlink()
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
-    path = Runner(lm, chosen, data, out, seed=args.seed, tasks=tasks, examples=args.examples,
+    path = Runner(lm, chosen, data, out, seed=args.seed, split=args.split, tasks=tasks, examples=args.examples,
                   progress=args.progress).run()
-    summary = report.write(read_records(path), out, plots=args.plots)
-    sys.stdout.write(report.markdown(summary) + "\n")
+    report.write(read_records(path), out, plots=args.plots)
+    sys.stdout.write((out / "summary.md").read_text() + "\n")
     print(f"ctxpress: results in {out}", file=sys.stderr)
     return 0
 

@@ -18,7 +18,8 @@ from ..errors import InputError
 NQ_FILE = "nq-open-oracle.dev.jsonl.gz"
 KV_FILE = "kv-retrieval-75_keys.dev.jsonl.gz"
 ESSAYS_DIR = "pg-essays"
-REQUIRED = {"nq": NQ_FILE, "kv-retrieval": KV_FILE, "niah": ESSAYS_DIR}
+REQUIRED = {"nq": NQ_FILE, "kv-retrieval": KV_FILE, "niah": ESSAYS_DIR, "niah-multikey": ESSAYS_DIR,
+            "variable-tracking": ESSAYS_DIR, "common-words": ESSAYS_DIR}
 
 
 def candidates() -> list[Path]:

@@ -22,6 +22,12 @@ def best_subspan_em(prediction: str, answers: list[str]) -> float:
     return float(any(normalize_answer(a) and normalize_answer(a) in pred for a in answers))
 
 
+def answer_survives(context: str, answers: list[str]) -> float:
+    """1.0 if any normalised gold answer occurs in the normalised ``context`` (no model needed)."""
+    text = normalize_answer(context)
+    return float(any(normalize_answer(a) and normalize_answer(a) in text for a in answers))
+
+
 def contains_exactly(prediction: str, answers: list[str]) -> float:
     """1.0 if any answer string occurs verbatim in the prediction."""
     return float(any(a in prediction for a in answers))

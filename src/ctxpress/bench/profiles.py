@@ -1,8 +1,13 @@
-"""Named evaluation grids: which tasks, how many examples, which methods at which ratios."""
+"""Named evaluation grids: which tasks, how many examples, which methods at which ratios.
+
+``quick`` and ``medium`` look at everything at once on a few examples;
+``prompt`` and ``kv`` are the instruments decisions rest on: enough examples
+for paired intervals to separate methods (see :mod:`ctxpress.bench.stats`).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..errors import InputError
 from ..kv import PRESSES
@@ -11,16 +16,24 @@ from .tasks import NQ, KVRetrieval, NeedleInHaystack
 
 PROMPT_METHODS = tuple(METHODS)
 KV_METHODS = tuple(m for m in PRESSES if m != "full")
+KV_SETTINGS = ("agnostic", "aware")  # the question is read after compression / is part of the compressed prefill
 
 
 @dataclass(frozen=True)
 class Config:
-    """One point of the grid: an optional prompt method, then a KV method (``full`` = none)."""
+    """One point of the grid: an optional prompt method, then a KV method (``full`` = none).
+
+    ``kv_setting`` is ``agnostic`` (the context's cache is compressed before
+    the question is read, as kvpress evaluates) or ``aware`` (the question is
+    inside the compressed prefill, as the SnapKV, PyramidKV and SpindleKV
+    papers evaluate).
+    """
 
     prompt_method: str | None = None
     prompt_rate: float | None = None
     kv_method: str = "full"
     kv_ratio: float | None = None
+    kv_setting: str = "agnostic"
 
     @property
     def label(self) -> str:
@@ -28,8 +41,22 @@ class Config:
         if self.prompt_method:
             parts.append(f"{self.prompt_method}@{self.prompt_rate:g}")
         if self.kv_method != "full":
-            parts.append(f"kv:{self.kv_method}@{self.kv_ratio:g}")
+            aware = ":aware" if self.kv_setting == "aware" else ""
+            parts.append(f"kv:{self.kv_method}@{self.kv_ratio:g}{aware}")
         return "+".join(parts) or "full"
+
+    @property
+    def question_aware(self) -> bool:
+        return self.kv_setting == "aware"
+
+    @property
+    def budget(self) -> str:
+        """The configurations that compete: same family, same budget, same setting."""
+        if self.family == "prompt":
+            return f"prompt@{self.prompt_rate:g}"
+        if self.family == "kv":
+            return f"kv@{self.kv_ratio:g}" + (":aware" if self.question_aware else "")
+        return self.label
 
     @property
     def family(self) -> str:
@@ -46,14 +73,28 @@ class Profile:
     prompt_rates: tuple[float, ...] = (0.5,)
     kv_methods: tuple[str, ...] = KV_METHODS
     kv_ratios: tuple[float, ...] = (0.3,)
+    kv_settings: tuple[str, ...] = ("agnostic",)
     combos: tuple[Config, ...] = field(default_factory=tuple)
     max_new_tokens: int | None = None  # None: each task's own limit
 
     def configs(self) -> list[Config]:
         grid = [Config()]
         grid += [Config(m, r) for r in self.prompt_rates for m in self.prompt_methods]
-        grid += [Config(kv_method=m, kv_ratio=r) for r in self.kv_ratios for m in self.kv_methods]
+        grid += [Config(kv_method=m, kv_ratio=r, kv_setting=s)
+                 for s in self.kv_settings for r in self.kv_ratios for m in self.kv_methods]
         return grid + [c for c in self.combos if c not in grid]
+
+    def only(self, methods: list[str]) -> Profile:
+        """This grid restricted to ``methods`` (prompt or KV method names; the full reference stays)."""
+        known = set(self.prompt_methods) | set(self.kv_methods)
+        unknown = [m for m in methods if m not in known]
+        if unknown:
+            raise InputError(f"profile {self.name} has no method {', '.join(unknown)} "
+                             f"(choose from: {', '.join(sorted(known))})")
+        return replace(self, prompt_methods=tuple(m for m in self.prompt_methods if m in methods),
+                       kv_methods=tuple(m for m in self.kv_methods if m in methods),
+                       combos=tuple(c for c in self.combos
+                                    if c.prompt_method in methods and c.kv_method in methods))
 
 
 def profile(name: str) -> Profile:
@@ -85,7 +126,23 @@ def profile(name: str) -> Profile:
             kv_ratios=(0.5, 0.2, 0.1),
             combos=(Config("dac", 0.5, "spindlekv", 0.5), Config("dac", 0.5, "snapkv", 0.5)),
         )
+    if name == "prompt":  # about two and a half hours: every prompt method at 2x and 3x on 100 NQ questions
+        return Profile(
+            "prompt",
+            {"nq": (NQ(documents=5, gold_positions=(0, 2, 4)), 100),
+             "niah": (NeedleInHaystack(lengths=(768,), depths=(0.1, 0.3, 0.5, 0.7, 0.9)), 30),
+             "kv-retrieval": (KVRetrieval(pairs=8), 30)},
+            prompt_rates=(0.5, 0.33), kv_methods=(),
+        )
+    if name == "kv":  # many hours on this CPU: every press at three ratios, question-agnostic and -aware
+        return Profile(
+            "kv",
+            {"niah": (NeedleInHaystack(lengths=(1024, 2048, 4096), depths=(0.1, 0.3, 0.5, 0.7, 0.9)), 30),
+             "kv-retrieval": (KVRetrieval(pairs=25), 30),
+             "nq": (NQ(documents=5, gold_positions=(0, 2, 4)), 100)},
+            prompt_methods=(), kv_ratios=(0.5, 0.2, 0.1), kv_settings=KV_SETTINGS,
+        )
     raise InputError(f"unknown profile '{name}' (choose from: {', '.join(PROFILES)})")
 
 
-PROFILES = ("quick", "medium", "standard")
+PROFILES = ("quick", "medium", "standard", "prompt", "kv")

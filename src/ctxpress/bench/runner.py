@@ -2,9 +2,10 @@
 
 For every example and prompt configuration the (possibly compressed) prompt
 is built once; every KV configuration then prefills and compresses its
-context part, answers greedily, and scores the gold answer under teacher
-forcing. Lines are appended and flushed as they are produced: an
-interrupted run resumes where it stopped.
+context part (with the question, for question-aware configurations),
+answers greedily, and scores the gold answer under teacher forcing. Lines
+are appended and flushed as they are produced: an interrupted run resumes
+where it stopped.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ..progress import progress_bar
 from ..prompt import PromptCompressor
 from .metrics import mean_kl, mean_nll
 from .profiles import Config, Profile
-from .tasks import Example
+from .tasks import SPLITS, Example
 
 RESULTS = "examples.jsonl"
 MANIFEST = "run.json"  # what produced the results, so a resume never mixes two different runs
@@ -39,9 +40,12 @@ def row_key(task: str, example: str, label: str) -> str:
 
 class Runner:
     def __init__(self, lm: LoadedModel, profile: Profile, data: Path, out: Path, *, seed: int = 0,
-                 tasks: list[str] | None = None, examples: int | None = None, progress: bool | None = None) -> None:
+                 split: str = "report", tasks: list[str] | None = None, examples: int | None = None,
+                 progress: bool | None = None) -> None:
+        if split not in SPLITS:
+            raise InputError(f"unknown split '{split}' (choose from: {', '.join(SPLITS)})")
         self.lm, self.profile, self.data, self.out = lm, profile, data, out
-        self.seed, self.progress = seed, progress
+        self.seed, self.split, self.progress = seed, split, progress
         self.tasks = {name: spec for name, spec in profile.tasks.items() if tasks is None or name in tasks}
         self.limit = examples
         self.compressor = PromptCompressor(lm, progress=False)
@@ -49,7 +53,7 @@ class Runner:
     def examples(self) -> Iterator[tuple[object, Example]]:
         for task, count in self.tasks.values():
             n = count if self.limit is None else min(count, self.limit)
-            for example in task.examples(self.data, n, self.seed, self.lm.tokenizer):
+            for example in task.examples(self.data, n, self.seed, self.lm.tokenizer, self.split):
                 yield task, example
 
     def run(self) -> Path:
@@ -70,7 +74,7 @@ class Runner:
         return path
 
     def _check_manifest(self, results: Path) -> None:
-        manifest = {"profile": self.profile.name, "seed": self.seed, "model": self.lm.name}
+        manifest = {"profile": self.profile.name, "seed": self.seed, "split": self.split, "model": self.lm.name}
         path = self.out / MANIFEST
         if results.exists() and path.exists():
             earlier = json.loads(path.read_text())
@@ -90,22 +94,27 @@ class Runner:
             prompt = self._prompt(example, method, rate)
             context_ids, question_ids = prompt_ids(tok, example.instruction + "\n\n" + prompt["context"],
                                                    example.question)
-            forced = torch.cat([question_ids, answer_ids], dim=1)
-            answer_rows = slice(question_ids.shape[1], None)
             reference = None
             for config in group:
+                # Question-aware: the question is prefilled (and seen by the press) but its last token,
+                # which generation feeds. The answer rows are the same in both settings.
+                cut = context_ids.shape[1] + (question_ids.shape[1] - 1 if config.question_aware else 0)
+                whole = torch.cat([context_ids, question_ids, answer_ids], dim=1)
+                prefix, asked = whole[:, :cut], whole[:, cut : context_ids.shape[1] + question_ids.shape[1]]
+                forced, answer_rows = whole[:, cut:], slice(asked.shape[1], None)
                 with self.lm.lock, PeakMemory(self.lm.device) as peak:
                     press = build_press(config.kv_method, **({} if config.kv_method == "full"
                                                              else {"ratio": config.kv_ratio}))
-                    ctx = CompressedContext(self.lm, context_ids, press)
-                    new, speed = ctx.generate(question_ids, self.profile.max_new_tokens or task.max_new_tokens)
+                    ctx = CompressedContext(self.lm, prefix, press)
+                    new, speed = ctx.generate(asked, self.profile.max_new_tokens or task.max_new_tokens)
                     logits = ctx.next_token_logits(forced)[answer_rows]
                 if config.kv_method == "full":
                     reference = logits
                 elif reference is None:  # the full row was written by an earlier, interrupted run
                     with self.lm.lock:
-                        reference = CompressedContext(self.lm, context_ids, build_press("full")).next_token_logits(
-                            forced)[answer_rows]
+                        full = CompressedContext(self.lm, context_ids, build_press("full"))
+                        reference = full.next_token_logits(whole[:, context_ids.shape[1]:])[
+                            question_ids.shape[1]:]
                 answer = tok.decode(new, skip_special_tokens=True).strip()
                 yield {
                     "key": row_key(example.task, example.id, config.label),
@@ -113,6 +122,7 @@ class Runner:
                     "config": config.label, "family": config.family, **asdict(config),
                     "answer": answer, "gold": example.answers,
                     "score": task.score(answer, example),
+                    "survival": example.survives(prompt["context"]),
                     "nll": mean_nll(logits, answer_ids[0]),
                     "kl": None if config.kv_method == "full" else mean_kl(reference, logits),
                     **prompt["stats"],

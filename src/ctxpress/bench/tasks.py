@@ -8,8 +8,10 @@
 * ``kv-retrieval`` - the JSON key-value retrieval task of the same paper,
   with a chosen number of pairs; the value must appear in the answer.
 
-Examples are deterministic: the same settings and seed give the same
-examples, for every method.
+Examples are deterministic: the same settings, seed and split give the
+same examples, for every method. Each data file is cut into two disjoint
+splits: ``dev`` (its first half) for tuning, ``report`` (its second half) for
+the numbers a default is judged by.
 """
 
 from __future__ import annotations
@@ -20,7 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import load_essays, load_kv, load_nq
-from .metrics import best_subspan_em, contains_exactly, normalize_answer
+from .metrics import answer_survives, best_subspan_em, contains_exactly, normalize_answer
+
+SPLITS = ("dev", "report")
+
+
+def split_indices(total: int, split: str) -> range:
+    """The items of a ``total``-item source that belong to ``split``: dev the first half, report the rest."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r} (choose from: {', '.join(SPLITS)})")
+    half = total // 2
+    return range(0, half) if split == "dev" else range(half, total)
 
 NQ_INSTRUCTION = ("Write a high-quality answer for the given question using only the provided search results "
                   "(some of which might be irrelevant).")
@@ -42,6 +54,10 @@ class Example:
     def context(self) -> str:
         return "\n\n".join(self.documents)
 
+    def survives(self, context: str) -> float:
+        """1.0 if a gold answer still occurs (normalised) in ``context``: the cheapest sign of a lost fact."""
+        return answer_survives(context, self.answers)
+
 
 @dataclass(frozen=True)
 class NQ:
@@ -50,10 +66,11 @@ class NQ:
     max_new_tokens: int = 32  # room for a short sentence around the answer
     name: str = "nq"
 
-    def examples(self, data: Path, count: int, seed: int, tokenizer=None) -> list[Example]:
+    def examples(self, data: Path, count: int, seed: int, tokenizer=None, split: str = "report") -> list[Example]:
         records = load_nq(data)
         out = []
-        for i, record in enumerate(records[:count]):
+        for i in split_indices(len(records), split)[:count]:
+            record = records[i]
             rng = random.Random(seed * 100_003 + i)
             gold = record["ctxs"][0]
             norm_answers = [normalize_answer(a) for a in record["answers"]]
@@ -83,21 +100,18 @@ class NeedleInHaystack:
     max_new_tokens: int = 32  # "The special magic number ... is 1234567." is 18 tokens
     name: str = "niah"
 
-    def examples(self, data: Path, count: int, seed: int, tokenizer=None) -> list[Example]:
-        if tokenizer is None:
-            raise ValueError("niah needs the tokenizer to size its haystacks")
-        haystack = "\n\n".join(load_essays(data))
-        ids = tokenizer(haystack, add_special_tokens=False)["input_ids"]
+    def examples(self, data: Path, count: int, seed: int, tokenizer=None, split: str = "report") -> list[Example]:
+        ids = haystack_ids(data, tokenizer, split)
         out = []
         grid = [(n, d) for n in self.lengths for d in self.depths]
+        first = SPLITS.index(split) * 100_000  # disjoint needle seeds per split
         for i in range(count):
             length, depth = grid[i % len(grid)]
-            rng = random.Random(seed * 100_003 + i)
+            rng = random.Random(seed * 100_003 + first + i)
             number = str(rng.randrange(1_000_000, 10_000_000))
             needle = f" The special magic number is {number}. "
-            start = (i // len(grid)) * 997 % max(1, len(ids) - length)  # a different stretch each round
-            text = tokenizer.decode(ids[start : start + length])
-            cut = _sentence_end(text, int(depth * len(text)))
+            text = stretch(tokenizer, ids, length, i // len(grid))
+            cut = sentence_end(text, int(depth * len(text)))
             out.append(Example(
                 self.name, f"niah-{length}-{depth}-{i // len(grid)}", NIAH_INSTRUCTION,
                 [text[:cut] + needle + text[cut:]],
@@ -110,7 +124,22 @@ class NeedleInHaystack:
         return contains_exactly(prediction, example.answers)
 
 
-def _sentence_end(text: str, at: int) -> int:
+def haystack_ids(data: Path, tokenizer, split: str) -> list[int]:
+    """Token ids of the essays of ``split`` (each split has essays of its own), concatenated."""
+    if tokenizer is None:
+        raise ValueError("haystack tasks need the tokenizer to size their haystacks")
+    essays = load_essays(data)
+    return tokenizer("\n\n".join(essays[i] for i in split_indices(len(essays), split)),
+                     add_special_tokens=False)["input_ids"]
+
+
+def stretch(tokenizer, ids: list[int], length: int, round_: int) -> str:
+    """``length`` tokens of the haystack as text, a different stretch for each round."""
+    start = round_ * 997 % max(1, len(ids) - length)
+    return tokenizer.decode(ids[start : start + length])
+
+
+def sentence_end(text: str, at: int) -> int:
     """The position just after the first sentence end at or after ``at`` (or ``at``)."""
     for i in range(at, len(text)):
         if text[i] == "." and (i + 1 == len(text) or text[i + 1].isspace()):
@@ -124,9 +153,11 @@ class KVRetrieval:
     max_new_tokens: int = 64  # a UUID alone is 33 tokens of SmolLM2's tokenizer
     name: str = "kv-retrieval"
 
-    def examples(self, data: Path, count: int, seed: int, tokenizer=None) -> list[Example]:
+    def examples(self, data: Path, count: int, seed: int, tokenizer=None, split: str = "report") -> list[Example]:
         out = []
-        for i, record in enumerate(load_kv(data)[:count]):
+        records_all = load_kv(data)
+        for i in split_indices(len(records_all), split)[:count]:
+            record = records_all[i]
             records = [tuple(r) for r in record["ordered_kv_records"]]
             gold = (record["key"], record["value"])
             where = records.index(gold)
@@ -142,6 +173,3 @@ class KVRetrieval:
     @staticmethod
     def score(prediction: str, example: Example) -> float:
         return contains_exactly(prediction, example.answers)
-
-
-TASKS = {"nq": NQ, "niah": NeedleInHaystack, "kv-retrieval": KVRetrieval}
