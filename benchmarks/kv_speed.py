@@ -53,8 +53,8 @@ def _context(lm, data: Path, tokens: int) -> str:
 
 def press(method: str, ratio: float):
     """The press a method spec names (``NAME[:KEY=VALUE...]``), at ``ratio`` unless it is ``full``."""
-    from ctxpress.cli import parse_options
     from ctxpress.kv import press_with_budget
+    from ctxpress.options import parse_options
 
     name, *options = method.split(":")
     return press_with_budget(name, None if name == "full" else ratio, None, parse_options(options))
@@ -77,7 +77,8 @@ def decode_rounds(methods: list[str], ratio: float, tokens: int, rounds: int, da
     import torch
 
     from ctxpress import load_model
-    from ctxpress.kv.generation import CompressedContext, prompt_ids
+    from ctxpress.chat import prompt_ids
+    from ctxpress.kv import CompressedContext
 
     lm = load_model("smollm2-135m", device="cpu")
     context_ids, question_ids = prompt_ids(lm.tokenizer, _context(lm, data, tokens), QUESTION)

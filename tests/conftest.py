@@ -15,7 +15,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
+from transformers import DynamicCache
 
+from ctxpress.compat import with_cache
 from ctxpress.models import LoadedModel
 
 CORPUS = [
@@ -110,3 +112,40 @@ def smollm() -> LoadedModel:
 @pytest.fixture
 def text() -> str:
     return TEXT
+
+
+# -- KV tests ------------------------------------------------------------------------------
+N = 160  # prompt tokens of the KV tests
+
+
+@pytest.fixture(params=["tiny_lm", "tiny_mha_lm"])
+def lm(request):
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture
+def prompt(lm):
+    torch.manual_seed(0)
+    return torch.randint(1, len(lm.tokenizer), (1, N))  # 0 is the pad id
+
+
+def greedy(model, ids, **kw):
+    kw = {"max_new_tokens": 12, **kw}
+    return model.generate(ids, do_sample=False, pad_token_id=0, **kw)
+
+
+def compressed(model, press, ids):
+    cache = press.cache(model)
+    with torch.no_grad():
+        model(ids, **with_cache(model, cache))
+    return cache
+
+
+def reference_layers(model, ids):
+    """Dense keys/values and attention maps of a plain eager prefill."""
+    from ctxpress.attention import attention_implementation
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), attention_implementation(model, "eager"):
+        out = model(ids, **with_cache(model, cache), output_attentions=True)
+    return [(layer.keys, layer.values) for layer in cache.layers], out.attentions

@@ -51,10 +51,36 @@ def test_stdin(capsys, monkeypatch, text, tiny_model_dir):
 
 def test_method_options(capsys, doc, tiny_model_dir):
     code, out, _ = run(capsys, "compress", doc, "--rate", "0.5", "--model", tiny_model_dir, "--json",
-                       "--stages", "3", "--alpha", "0.5", "--no-consecutive")
+                       "--option", "stages=3", "--option", "alpha=0.5", "--option", "consecutive=false")
     settings = json.loads(out)["settings"]
     assert code == 0 and settings["stages_run"] == 3 and settings["alpha"] == 0.5
     assert settings["consecutive"] is False
+
+
+def test_option_stages(capsys, doc, tiny_model_dir):
+    code, out, err = run(capsys, "compress", doc, "--rate", "0.5", "--model", tiny_model_dir, "--json",
+                         "--option", "stages=2")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["settings"]["stages"] == 2 and result["settings"]["stages_run"] == 2
+    assert result["method"] == "dac"
+    code, out, _ = run(capsys, "compress", doc, "--rate", "0.5", "--model", tiny_model_dir, "--json",
+                       "--method", "llmlingua", "--option", "segment-tokens=20")
+    assert code == 0 and json.loads(out)["settings"]["segment_tokens"] == 20
+
+
+def test_help_lists_methods_with_their_options(capsys):
+    from ctxpress.options import option_names
+    from ctxpress.prompt.methods import METHODS
+
+    for command in ("compress", "batch"):
+        code, out, _ = run(capsys, command, "--help")
+        text = " ".join(out.split())
+        assert code == 0 and "--option KEY=VALUE" in text
+        for name, cls in METHODS.items():
+            assert f"{name}: {cls.description()} (" in text
+            assert all(f"{key}=" in text for key in option_names(cls))
+    assert "stages=auto, consecutive=true, alpha=0.8, fusion=additive" in text
 
 
 def bad_inputs(tmp_path):
@@ -81,7 +107,17 @@ def bad_inputs(tmp_path):
         ("two budgets", ["{doc}", "--rate", "0.5", "--target-tokens", "4"], "not allowed"),
         ("target", ["{doc}", "--target-tokens", "100000"], "more than"),
         ("method", ["{doc}", "--rate", "0.5", "--method", "zip"], "invalid choice"),
-        ("option", ["{doc}", "--rate", "0.5", "--method", "random", "--stages", "2"], "no option"),
+        ("option", ["{doc}", "--rate", "0.5", "--option", "bogus=1"],
+         "method 'dac' has no option bogus (it takes: stages, consecutive, alpha, fusion)"),
+        ("option 2", ["{doc}", "--rate", "0.5", "--method", "random", "--option", "alpha=0.5"], "no option alpha"),
+        ("option type", ["{doc}", "--rate", "0.5", "--option", "stages=1.5"], "stages must be an integer"),
+        ("option bool", ["{doc}", "--rate", "0.5", "--option", "consecutive=maybe"], "true or false"),
+        ("option range", ["{doc}", "--rate", "0.5", "--option", "alpha=2"], "alpha must be in [0, 1]"),
+        ("option choice", ["{doc}", "--rate", "0.5", "--option", "fusion=bogus"], "fusion must be"),
+        ("option seg", ["{doc}", "--rate", "0.5", "--method", "llmlingua", "--option", "segment_tokens=0"],
+         "segment_tokens must be a positive integer"),
+        ("option form", ["{doc}", "--rate", "0.5", "--option", "stages"], "KEY=VALUE"),
+        ("old flag", ["{doc}", "--rate", "0.5", "--stages", "2"], "unrecognized arguments"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(capsys, tmp_path, doc, tiny_model_dir, case, argv, needle):
@@ -92,6 +128,24 @@ def test_bad_input_is_one_line_exit_2(capsys, tmp_path, doc, tiny_model_dir, cas
     assert out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err
+
+
+def test_bad_option_fails_before_the_model_loads(capsys, doc):
+    code, out, err = run(capsys, "compress", doc, "--rate", "0.5", "--model", "./no/such/dir", "--option", "bogus=1")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and "no option bogus" in err
+
+
+def test_batch_options(capsys, tmp_path, doc, tiny_model_dir):
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text(json.dumps({"text": doc.read_text()}) + "\n")
+    argv = ["batch", source, target, "--field", "text", "--rate", "0.5", "--model", tiny_model_dir, "--no-progress"]
+    code, _, err = run(capsys, *argv, "--option", "bogus=1")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "no option bogus" in err
+    assert not target.exists() or target.read_text() == ""
+    code, _, err = run(capsys, *argv, "--option", "stages=2", "--option", "consecutive=false")
+    assert code == 0, err
+    settings = json.loads(target.read_text())["settings"]
+    assert settings["stages_run"] == 2 and settings["consecutive"] is False
 
 
 @pytest.mark.parametrize("model", ["./no/such/dir", "no-such-org/no-such-model"])
@@ -158,6 +212,9 @@ def test_generate_several_questions_one_cache(capsys, doc, tiny_model_dir):
         (["--kv", "snapkv", "--kv-option", "window=abc"], "window must be an integer"),
         (["--kv", "snapkv", "--kv-option", "normalize=bogus"], "normalize must be one of"),
         (["--kv", "full", "--kv-ratio", "0.5"], "takes no budget"),
+        # codebook-only SpindleKV checks every other option too (this was a ValueError traceback)
+        (["--kv-option", "evict=false", "--kv-option", "normalize=bogus"], "normalize must be one of"),
+        (["--kv-option", "evict=false", "--kv-ratio", "0.3"], "with evict=false keeps every token"),
         (["--kv-ratio", "2"], "--kv-ratio"),
         (["--question-aware", "--question", "Again?"], "one question"),
     ],

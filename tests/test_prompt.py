@@ -1,12 +1,16 @@
 """Prompt compression behaviour on a tiny random model with a byte-level tokenizer."""
 
+import dataclasses
+from typing import ClassVar
+
 import numpy as np
 import pytest
 import torch
 
+from ctxpress import options
 from ctxpress.errors import InputError
 from ctxpress.prompt import METHODS, PromptCompressor
-from ctxpress.prompt.scoring import min_max
+from ctxpress.prompt.methods import DACMethod, Method, StagedMethod, build_method, min_max
 from ctxpress.prompt.tokens import tokenize_context
 from ctxpress.signals import reference_signals
 
@@ -238,3 +242,137 @@ def test_multiplicative_fusion(pc, text):
     result = pc.compress(text, rate=0.5, fusion="multiplicative")
     assert result.settings["fusion"] == "multiplicative"
     assert abs(result.compressed_tokens - round(0.5 * result.origin_tokens)) <= 1
+
+
+# Each method's options, in order, with their defaults: exactly the fields of its class, and the
+# keys of its settings (DAC's "auto" stages are None).
+FUSED = ("stages", "consecutive", "alpha", "fusion")
+DEFAULTS = {
+    "dac": dict(zip(FUSED, (None, True, 0.8, "additive"))),
+    "dac-static": dict(zip(FUSED, (1, False, 0.8, "additive"))),
+    "entropy": dict(zip(FUSED, (1, False, 0.0, "additive"))),
+    "entropy-dynamic": dict(zip(FUSED, (None, True, 0.0, "additive"))),
+    "attention": dict(zip(FUSED, (1, False, 1.0, "additive"))),
+    "random": {"stages": 1, "consecutive": False, "seed": 0},
+    "llmlingua": {"segment_tokens": 100},
+}
+
+
+def test_registry_lists_every_method():
+    assert list(METHODS) == list(DEFAULTS)
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_options_are_the_dataclass_fields(name):
+    cls = METHODS[name]
+    assert cls.name == name and issubclass(cls, Method)
+    fields = {f.name: f.default for f in dataclasses.fields(cls) if f.name != "signal_fn"}
+    assert fields == DEFAULTS[name] and options.option_names(cls) == list(DEFAULTS[name])
+    # its own one-line docstring is its description (the CLI help shows it)
+    assert "__doc__" in cls.__dict__ and cls.description() == cls.__doc__.strip() and "\n" not in cls.__doc__
+    method = build_method(name, **DEFAULTS[name])
+    assert method == build_method(name) and isinstance(method, Method)
+    auto = {k: "auto" if k == "stages" and v is None else v for k, v in DEFAULTS[name].items()}
+    assert method.settings() == auto and list(method.settings()) == list(auto)
+    allowed = ", ".join(DEFAULTS[name])
+    for bogus in ("bogus", "signal_fn", "name"):  # internal fields and class attributes are no options
+        with pytest.raises(InputError, match=f"no option {bogus} \\(it takes: {allowed}\\)"):
+            build_method(name, **{bogus: 1})
+
+
+@pytest.mark.parametrize(
+    "name,items,match",
+    [
+        ("dac", ["stages=1.5"], "stages must be an integer"),
+        ("dac", ["stages=0"], "stages must be a positive integer"),
+        ("dac", ["stages=true"], "stages must be an integer"),
+        ("entropy-dynamic", ["consecutive=maybe"], "consecutive must be true or false"),
+        ("dac", ["consecutive=1"], "consecutive must be true or false"),
+        ("dac", ["alpha=2"], "alpha must be in \\[0, 1\\]"),
+        ("attention", ["alpha=-0.1"], "alpha must be in"),
+        ("dac", ["alpha=high"], "alpha must be a number"),
+        ("dac", ["fusion=bogus"], "fusion must be 'additive' or 'multiplicative'"),
+        ("dac", ["fusion=1"], "fusion must be text"),
+        ("random", ["seed=0.5"], "seed must be an integer"),
+        ("llmlingua", ["segment_tokens=0"], "segment_tokens must be a positive integer"),
+        ("llmlingua", ["segment_tokens=2.5"], "segment_tokens must be an integer"),
+        ("random", ["alpha=0.5"], "no option alpha"),
+    ],
+)
+def test_mistyped_options_are_refused(name, items, match):
+    with pytest.raises(InputError, match=match):
+        build_method(name, **options.parse_options(items))
+
+
+def test_options_parsed_from_text_build_the_same_method():
+    parsed = options.parse_options(["stages=3", "consecutive=false", "alpha=1", "fusion=multiplicative"])
+    assert build_method("dac", **parsed) == DACMethod(stages=3, consecutive=False, alpha=1.0, fusion="multiplicative")
+    with pytest.raises(TypeError):
+        StagedMethod()  # the mechanism alone has no score
+
+
+def test_configured_method_object(pc, text):
+    by_name = pc.compress(text, rate=0.4, method="dac", stages=1, consecutive=False)
+    by_object = pc.compress(text, rate=0.4, method=DACMethod(stages=1, consecutive=False))
+    assert by_object.kept_token_indices == by_name.kept_token_indices
+    assert by_object.method == "dac" and by_object.settings == by_name.settings
+    with pytest.raises(InputError, match="options go with a method name"):
+        pc.compress(text, rate=0.4, method=DACMethod(), stages=2)
+    with pytest.raises(InputError, match="Method object"):
+        pc.compress(text, rate=0.4, method=object())
+
+
+def test_signal_fn_is_swappable_not_an_option(pc, text):
+    from ctxpress.signals import batched_signals
+
+    calls = []
+
+    def recording(model, sequences, **kw):
+        calls.append(len(sequences))
+        return batched_signals(model, sequences, **kw)
+
+    method = dataclasses.replace(build_method("dac"), signal_fn=recording)
+    assert method == build_method("dac") and "signal_fn" not in method.settings()
+    got = pc.compress(text, rate=0.5, method=method)
+    assert calls and got.kept_token_indices == pc.compress(text, rate=0.5).kept_token_indices
+
+
+@dataclasses.dataclass(frozen=True)
+class LatestFirst(StagedMethod):
+    """later tokens first (a throwaway method for the test)"""
+
+    name: ClassVar[str] = "latest"
+    needs_signals: ClassVar[bool] = False
+    needs_attention: ClassVar[bool] = False
+
+    stages: int | None = 1
+    consecutive: bool = False
+    weight: float = 1.0
+
+    def validate(self) -> None:
+        super().validate()
+        if self.weight <= 0:
+            raise InputError(f"{self.name}: weight must be positive")
+
+    def score(self, info, attention):
+        return self.weight * torch.arange(info.numel(), dtype=torch.float32)
+
+
+def test_a_new_method_is_one_class_and_one_registry_line(pc, text):
+    registry = {**METHODS, LatestFirst.name: LatestFirst}
+    method = options.build(registry, "method", "latest", {"weight": 2, "stages": 2})
+    assert method == LatestFirst(stages=2, weight=2.0)
+    assert method.settings() == {"stages": 2, "consecutive": False, "weight": 2}
+    assert LatestFirst.description() == "later tokens first (a throwaway method for the test)"
+    result = pc.compress(text, rate=0.5, method=method)
+    kept = result.kept_token_indices
+    n = result.origin_tokens
+    assert kept[0] == 0 and kept[1:] == list(range(kept[1], n))  # the earliest tokens went first
+    assert result.method == "latest" and result.settings["weight"] == 2 and result.settings["stages_run"] == 2
+    with pytest.raises(InputError, match="no option colour \\(it takes: stages, consecutive, weight\\)"):
+        options.build(registry, "method", "latest", {"colour": "red"})
+    with pytest.raises(InputError, match="weight must be a number"):
+        options.build(registry, "method", "latest", {"weight": "heavy"})
+    with pytest.raises(InputError, match="weight must be positive"):
+        options.build(registry, "method", "latest", {"weight": 0})
+    assert "latest" not in METHODS

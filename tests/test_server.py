@@ -136,6 +136,41 @@ def test_bad_requests_get_json_errors(base_url, path, content, status, needle):
     assert httpx.get(f"{base_url}/healthz").status_code == 200  # the server lives on
 
 
+SHORT_CHAT = [{"role": "user", "content": "x"}]
+
+
+@pytest.mark.parametrize(
+    "path,body,needle",
+    [
+        ("/v1/compress", {"context": TEXT, "rate": 0.5, "options": {"bogus": 1}},
+         "no option bogus (it takes: stages, consecutive, alpha, fusion)"),
+        ("/v1/compress", {"context": TEXT, "rate": 0.5, "options": {"question": "Why?"}}, "no option question"),
+        ("/v1/compress", {"context": TEXT, "rate": 0.5, "options": {"stages": 1.5}}, "stages must be an integer"),
+        ("/v1/compress", {"context": TEXT, "rate": 0.5, "options": {"consecutive": "maybe"}}, "true or false"),
+        ("/v1/compress", {"context": TEXT, "rate": 0.5, "method": "llmlingua", "options": {"segment_tokens": 0}},
+         "segment_tokens must be a positive integer"),
+        ("/v1/chat/completions", {"messages": SHORT_CHAT, "prompt_compression": {"rate": 0.5, "options": {
+            "rate": 0.1}}}, "no option rate"),
+        ("/v1/chat/completions", {"messages": SHORT_CHAT, "prompt_compression": {"rate": 0.5, "options": {
+            "alpha": 2}}}, "alpha must be in [0, 1]"),
+    ],
+)
+def test_bad_prompt_method_options_are_400(base_url, path, body, needle):
+    r = httpx.post(f"{base_url}{path}", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    assert needle in r.json()["error"]["message"]
+
+
+def test_compress_endpoint_options(base_url, tiny_lm):
+    from ctxpress.prompt import PromptCompressor
+
+    body = {"context": TEXT, "rate": 0.5, "options": {"stages": 2, "consecutive": False}}
+    got = httpx.post(f"{base_url}/v1/compress", json=body, timeout=60).json()
+    want = PromptCompressor(tiny_lm, progress=False).compress(TEXT, rate=0.5, stages=2, consecutive=False)
+    assert got["method"] == "dac" and got["settings"]["stages_run"] == 2
+    assert got["kept_token_indices"] == want.kept_token_indices
+
+
 def test_chunked_body_over_limit(base_url):
     def chunks():
         yield b'{"context": "'

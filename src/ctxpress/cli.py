@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 the environment failed (model or package missing),
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -14,6 +15,7 @@ from collections.abc import Callable, Sequence
 from . import __version__
 from .errors import CtxpressError, InputError
 from .models import DEFAULT_MODEL, EMBEDDED_MODELS
+from .options import option_names, parse_options
 from .prompt.methods import METHODS
 
 EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -61,7 +63,6 @@ def _number(cast: type, valid: Callable[[float], bool], rule: str) -> Callable[[
 
 
 _rate = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
-_unit_float = _number(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 _positive_int = _number(int, lambda v: v >= 1, "a positive integer")
 
 
@@ -80,13 +81,30 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU)")
 
 
+def _add_method_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", dest="options",
+                   help="method option, e.g. stages=4, alpha=0.5, fusion=multiplicative, consecutive=false, "
+                        "seed=1, segment_tokens=50 (repeatable; each method's options and defaults are listed below)")
+
+
+def _defaults(cls: type) -> str:
+    """``stages=auto, consecutive=true, ...``: a method's options and their defaults, for the help."""
+    def shown(value) -> str:
+        if value is None or value is dataclasses.MISSING:
+            return "auto" if value is None else "required"
+        return str(value).lower() if isinstance(value, bool) else str(value)
+
+    fields = {f.name: f.default for f in dataclasses.fields(cls)}
+    return ", ".join(f"{k}={shown(fields[k])}" for k in option_names(cls))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="ctxpress", description="Cheaper long-context LLM inference: prompt and KV-cache compression.")
     parser.add_argument("--version", action="version", version=f"ctxpress {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
-    methods_help = "; ".join(f"{name}: {spec.description}" for name, spec in METHODS.items())
+    methods_help = "; ".join(f"{name}: {cls.description()} ({_defaults(cls)})" for name, cls in METHODS.items())
     c = sub.add_parser(
         "compress", help="compress a prompt (DAC by default)",
         description="Compress the text of FILE (or standard input) and print the compressed prompt.",
@@ -102,13 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force-token", action="append", default=[], metavar="T", dest="force_tokens",
                    help="never drop tokens matching T: a literal, or [:newline:], [:digit:], [:punct:] "
                         "(repeatable)")
-    c.add_argument("--stages", type=_positive_int, help="number of stages (staged methods; default: auto)")
-    c.add_argument("--alpha", type=_unit_float, help="attention weight in the fused score (default 0.8)")
-    c.add_argument("--fusion", choices=["additive", "multiplicative"], help="score fusion (default additive)")
-    c.add_argument("--no-consecutive", dest="consecutive", action="store_false", default=None,
-                   help="drop neighbouring tokens in the same stage (turn DAC's rule off)")
-    c.add_argument("--seed", type=int, help="seed of the random method")
-    c.add_argument("--segment-tokens", type=_positive_int, help="segment size of the llmlingua method")
+    _add_method_options(c)
     c.add_argument("--window", type=_positive_int, metavar="N",
                    help="tokens the compressor reads at once (default: the model's context length)")
     _add_model_options(c)
@@ -183,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("batch", help="compress a field of every line of a JSONL file",
                        description="Read IN.jsonl, compress FIELD of each line, write one result line per input "
-                                   "line to OUT.jsonl. Re-running resumes after the lines already written.")
+                                   "line to OUT.jsonl. Re-running resumes after the lines already written.",
+                       epilog=f"Methods: {methods_help}.")
     t.add_argument("source", metavar="IN.jsonl")
     t.add_argument("target", metavar="OUT.jsonl")
     t.add_argument("--field", required=True, help="the text field (dotted path for nested objects)")
@@ -191,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch_budget.add_argument("--rate", type=_rate, help="fraction of tokens to keep, in (0, 1]")
     batch_budget.add_argument("--target-tokens", type=_positive_int, metavar="N", help="tokens to keep")
     t.add_argument("--method", default="dac", choices=list(METHODS), metavar="METHOD", help="default dac")
+    _add_method_options(t)
     t.add_argument("--workers", type=_positive_int, default=1, help="processes (or Ray actors); default 1")
     t.add_argument("--engine", choices=["local", "ray"], default="local", help="default local")
     t.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to join (default: start a local Ray)")
@@ -199,29 +213,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(t)
     t.set_defaults(handler=cmd_batch)
     return parser
-
-
-def _option_value(text: str):
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_options(items: Sequence[str]) -> dict:
-    """``["window=64", "per_head=false"]`` -> ``{"window": 64, "per_head": False}``."""
-    options = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise InputError(f"options look like KEY=VALUE, got {item!r}")
-        options[key.strip().replace("-", "_")] = _option_value(value.strip())
-    return options
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -245,15 +236,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from .prompt import PromptCompressor
+    from .prompt.methods import build_method
 
+    method = build_method(args.method, **parse_options(args.options))  # bad options fail before the model loads
     text = read_text(args.file)
-    options = {k: getattr(args, k) for k in ("stages", "alpha", "fusion", "consecutive", "seed", "segment_tokens")
-               if getattr(args, k) is not None}
     compressor = PromptCompressor(args.model, device=args.device, dtype=args.dtype,
                                   window_tokens=args.window, progress=args.progress)
     budget = {"rate": args.rate} if args.rate is not None else {"target_tokens": args.target_tokens}
-    result = compressor.compress(text, method=args.method, question=args.question, instruction=args.instruction,
-                                 force_tokens=args.force_tokens, **budget, **options)
+    result = compressor.compress(text, method=method, question=args.question, instruction=args.instruction,
+                                 force_tokens=args.force_tokens, **budget)
     if args.json:
         json.dump(result.to_dict(), sys.stdout, ensure_ascii=False)
         sys.stdout.write("\n")
@@ -310,9 +301,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_batch(args: argparse.Namespace) -> int:
     from .batch import BatchJob, run
+    from .prompt.methods import build_method
 
+    options = parse_options(args.options)
+    build_method(args.method, **options)  # one error now rather than one per line
     job = BatchJob(args.source, args.target, args.field, rate=args.rate, target_tokens=args.target_tokens,
-                   method=args.method, model=args.model, device=args.device, dtype=args.dtype,
+                   method=args.method, options=options, model=args.model, device=args.device, dtype=args.dtype,
                    workers=args.workers, engine=args.engine, ray_address=args.ray_address)
     written = run(job, progress=args.progress)
     print(f"ctxpress: {written} lines written to {args.target}", file=sys.stderr)

@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -33,11 +34,12 @@ from starlette.exceptions import HTTPException
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from . import __version__
+from .chat import chat_ids
 from .errors import CtxpressError, InputError
-from .kv import press_with_budget
-from .kv.generation import CompressedContext
+from .kv import CompressedContext, KVPress, press_with_budget
 from .models import LoadedModel
 from .prompt import PromptCompressor
+from .prompt.methods import build_method
 
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
@@ -152,6 +154,16 @@ class _Cancelled(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+@dataclass
+class ChatPlan:
+    """A chat request made ready for the model: its (compressed) prompt, press and token limit."""
+
+    ids: torch.Tensor  # (1, n) prompt token ids, after prompt compression
+    tokens_before: int  # prompt tokens before prompt compression
+    press: KVPress
+    limit: int  # new tokens at most
+
+
 def create_app(lm: LoadedModel, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                max_new_tokens: int = 1024) -> FastAPI:
     """The HTTP application around one loaded model."""
@@ -190,23 +202,24 @@ def create_app(lm: LoadedModel, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_
     @app.post("/v1/compress")
     def compress(body: CompressBody) -> dict:
         budget = {"rate": body.rate, "target_tokens": body.target_tokens}
-        result = compressor.compress(body.context, method=body.method, question=body.question,
-                                     instruction=body.instruction, force_tokens=body.force_tokens,
-                                     **budget, **body.options)
+        method = build_method(body.method, **body.options)  # any option name: an InputError, not a TypeError
+        result = compressor.compress(body.context, method=method, question=body.question,
+                                     instruction=body.instruction, force_tokens=body.force_tokens, **budget)
         return result.to_dict()
 
-    def prepare(body: ChatBody) -> dict:
+    def prepare(body: ChatBody) -> ChatPlan:
         """Compress long messages, tokenize the chat, pick the press and the token limit."""
         messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages]
-        before = _chat_ids(tokenizer, messages)
+        before = chat_ids(tokenizer, messages)
         pc = body.prompt_compression
         if pc is not None:
+            method = build_method(pc.method, **pc.options)  # checked even when no message is long enough
             for message in messages:
                 if message["role"] != "assistant" and compressor.count_tokens(message["content"]) > pc.min_tokens:
                     result = compressor.compress(message["content"], rate=pc.rate, target_tokens=pc.target_tokens,
-                                                 method=pc.method, **pc.options)
+                                                 method=method)
                     message["content"] = result.compressed_text
-        ids = _chat_ids(tokenizer, messages) if pc is not None else before
+        ids = chat_ids(tokenizer, messages) if pc is not None else before
         kv = body.kv_compression
         press = press_with_budget(kv.method, kv.ratio, kv.tokens, kv.options) if kv else press_with_budget("full")
         limit = body.max_completion_tokens or body.max_tokens or min(256, max_new_tokens)
@@ -215,19 +228,19 @@ def create_app(lm: LoadedModel, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_
         if ids.shape[1] + limit > lm.max_positions:
             raise InputError(f"prompt ({ids.shape[1]} tokens) plus max_tokens ({limit}) exceed the model's "
                              f"{lm.max_positions}-token window")
-        return {"ids": ids, "before": before.shape[1], "press": press, "limit": limit}
+        return ChatPlan(ids, int(before.shape[1]), press, limit)
 
-    def usage(plan: dict, ctx: CompressedContext, completion: int) -> dict:
-        prompt = int(plan["ids"].shape[1])
+    def usage(plan: ChatPlan, ctx: CompressedContext, completion: int) -> dict:
+        prompt = int(plan.ids.shape[1])
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_before_compression": int(plan["before"]),
+                "prompt_tokens_before_compression": int(plan.tokens_before),
                 "kv_cache_bytes": ctx.cache_bytes, "kv_full_cache_bytes": ctx.full_cache_bytes}
 
-    def answer(body: ChatBody, plan: dict, **generate_options) -> tuple[CompressedContext, torch.Tensor]:
+    def answer(body: ChatBody, plan: ChatPlan, **generate_options) -> tuple[CompressedContext, torch.Tensor]:
         """Prefill all but the prompt's last token into the planned cache, then generate (model lock held)."""
         with lm.lock:
-            ctx = CompressedContext(lm, plan["ids"][:, :-1], plan["press"])
-            new, _ = ctx.generate(plan["ids"][:, -1:], plan["limit"], temperature=body.temperature,
+            ctx = CompressedContext(lm, plan.ids[:, :-1], plan.press)
+            new, _ = ctx.generate(plan.ids[:, -1:], plan.limit, temperature=body.temperature,
                                   top_p=body.top_p, **generate_options)
         return ctx, new
 
@@ -243,11 +256,11 @@ def create_app(lm: LoadedModel, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_
             "id": ident, "object": "chat.completion", "created": created, "model": name,
             "choices": [{"index": 0, "message": {"role": "assistant",
                                                  "content": tokenizer.decode(new, skip_special_tokens=True)},
-                         "finish_reason": _finish(tokenizer, new, plan["limit"])}],
+                         "finish_reason": _finish(tokenizer, new, plan.limit)}],
             "usage": usage(plan, ctx, len(new)),
         }
 
-    def stream(body: ChatBody, plan: dict, ident: str, created: int, name: str) -> Iterator[str]:
+    def stream(body: ChatBody, plan: ChatPlan, ident: str, created: int, name: str) -> Iterator[str]:
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         cancelled = threading.Event()
         outcome: dict = {}
@@ -277,7 +290,7 @@ def create_app(lm: LoadedModel, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_
                 yield f"data: {json.dumps({'error': {'message': str(outcome['error']), 'type': 'server_error'}})}\n\n"
             else:
                 new = outcome["new"]
-                yield chunk({}, _finish(tokenizer, new, plan["limit"]))
+                yield chunk({}, _finish(tokenizer, new, plan.limit))
                 if (body.stream_options or {}).get("include_usage"):
                     payload = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": name,
                                "choices": [], "usage": usage(plan, outcome["ctx"], len(new))}
@@ -287,15 +300,6 @@ def create_app(lm: LoadedModel, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_
             cancelled.set()  # a client that left stops the generation at the next token
 
     return app
-
-
-def _chat_ids(tokenizer, messages: list[dict]) -> torch.Tensor:
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=True)["input_ids"]
-        return ids
-    text = "\n\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\n\nassistant:"
-    return tokenizer(text, return_tensors="pt").input_ids
 
 
 def _finish(tokenizer, new: torch.Tensor, limit: int) -> str:

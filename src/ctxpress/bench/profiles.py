@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from ..errors import InputError
 from ..kv import PRESSES
 from ..prompt.methods import METHODS
+from .synthetic import CommonWords, MultiKeyNeedle, VariableTracking
 from .tasks import NQ, KVRetrieval, NeedleInHaystack
 
 PROMPT_METHODS = tuple(METHODS)
@@ -85,8 +86,9 @@ class Profile:
         return grid + [c for c in self.combos if c not in grid]
 
     def only(self, methods: list[str]) -> Profile:
-        """This grid restricted to ``methods`` (prompt or KV method names; the full reference stays)."""
-        known = set(self.prompt_methods) | set(self.kv_methods)
+        """This grid restricted to ``methods`` (prompt or KV method names; the full reference always
+        runs, so ``["full"]`` is the reference alone)."""
+        known = set(self.prompt_methods) | set(self.kv_methods) | {"full"}
         unknown = [m for m in methods if m not in known]
         if unknown:
             raise InputError(f"profile {self.name} has no method {', '.join(unknown)} "
@@ -139,7 +141,10 @@ def profile(name: str) -> Profile:
             "kv",
             {"niah": (NeedleInHaystack(lengths=(1024, 2048, 4096), depths=(0.1, 0.3, 0.5, 0.7, 0.9)), 30),
              "kv-retrieval": (KVRetrieval(pairs=25), 30),
-             "nq": (NQ(documents=5, gold_positions=(0, 2, 4)), 100)},
+             "nq": (NQ(documents=5, gold_positions=(0, 2, 4)), 100),
+             "niah-multikey": (MultiKeyNeedle(lengths=(1024, 2048)), 30),
+             "variable-tracking": (VariableTracking(lengths=(1024, 2048)), 30),
+             "common-words": (CommonWords(), 30)},
             prompt_methods=(), kv_ratios=(0.5, 0.2, 0.1), kv_settings=KV_SETTINGS,
         )
     raise InputError(f"unknown profile '{name}' (choose from: {', '.join(PROFILES)})")

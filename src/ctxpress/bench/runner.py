@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
+from ..chat import prompt_ids
 from ..errors import InputError
 from ..jsonl import complete_lines, read_records
 from ..kv import build_press
-from ..kv.generation import CompressedContext, prompt_ids
+from ..kv.generation import CompressedContext
 from ..memory import PeakMemory
 from ..models import LoadedModel
 from ..progress import progress_bar

@@ -1,16 +1,19 @@
-"""A transformers cache whose layers are compressed once, after prefill.
+"""A transformers cache whose layers are compressed once, after prefill: the machinery.
 
 :class:`CompressedLayer` is a ``DynamicLayer`` until the first prefill has
-run through every layer; then the press that owns it replaces each layer's
-tensors by a smaller store (:mod:`ctxpress.kv.store`). The layer keeps
-counting every token it has seen, so transformers derives the right
-positions for new tokens (RoPE stays correct after eviction), while the
-store holds only what was kept.
+run through every layer; then its press replaces each layer's tensors by a
+smaller :class:`~ctxpress.kv.contracts.Store`. The layer keeps counting every
+token it has seen, so transformers derives the right positions for new
+tokens (RoPE stays correct after eviction), while the store holds only what
+was kept.
 
 Attention for these layers runs through ctxpress's registered attention
 implementation: after ``update`` the layer claims the attention call of its
-layer (:func:`ctxpress.attention.claim_next_attention`), computes the prefill
-attention and scores for its press, and afterwards attends over its store.
+layer (:func:`ctxpress.attention.claim_next_attention`). During the first
+prefill it computes the attention itself, asks the press for this layer's
+scores and, after the last layer, has the press compress every layer
+(:mod:`ctxpress.kv.contracts` states who calls whom); afterwards it lets its
+store attend.
 """
 
 from __future__ import annotations
@@ -24,17 +27,17 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from ..attention import bottom_right_attention, claim_next_attention
+from ..attention import attention_with_column_sums, claim_next_attention
 from ..compat import query_length
 from ..errors import InputError
-from .rope import interleave
+from .contracts import Press, Store
 
 
 @dataclass
 class PressState:
     """What the layers of one cache share: their press and its bookkeeping."""
 
-    press: object  # a KVPress; typed loosely to keep this module free of press imports
+    press: Press
     model: torch.nn.Module
     num_layers: int
     compressed: bool = False
@@ -49,7 +52,7 @@ class CompressedLayer(DynamicLayer):
         super().__init__()
         self.state = state
         self.layer_idx = layer_idx
-        self.store = None  # set when the press compresses this layer
+        self.store: Store | None = None  # set when the press compresses this layer
         self.seen = 0  # tokens this layer has been given, kept or not
         self.scores: torch.Tensor | None = None  # the press's prefill scores, until compression
         self.kv_heads = self.head_dim = 0
@@ -69,16 +72,36 @@ class CompressedLayer(DynamicLayer):
 
     def attend(self, module, query, key, value, attention_mask, scaling) -> torch.Tensor:
         """Attention for this layer's call; the prefill also scores and, last layer, compresses."""
-        state = self.state
-        if not state.compressed and query.shape[2] > 1:
-            return state.press.prefill(self, module, query, key, value, attention_mask, scaling)
+        if not self.state.compressed and query.shape[2] > 1:
+            return self._prefill(module, query, key, value, attention_mask, scaling)
         if self.store is None:  # nothing removed: exactly what transformers' SDPA does
             from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling)[0]
-        if getattr(self.store, "interleaved", False):  # keys come back in the interleaved RoPE layout
-            query = interleave(query)
-        return bottom_right_attention(query, key, value, scaling, getattr(self.store, "mask", None))
+        return self.store.attend(query, key, value, scaling)
+
+    def _prefill(self, module, query, key, value, attention_mask, scaling) -> torch.Tensor:
+        """Attention of the prefill pass, plus this layer's scores; the last layer has the press compress."""
+        state, press = self.state, self.state.press
+        if attention_mask is not None and not _is_plain_causal(attention_mask):
+            raise InputError("KV compression needs unpadded input (one prompt, or prompts of equal length)")
+        window = getattr(module.config, "sliding_window", None)
+        if window and query.shape[2] > window:
+            raise InputError(f"the prompt is longer than the model's sliding window ({window})")
+        columns = None
+        if press.needs_column_sums:
+            out, columns = attention_with_column_sums(query, key, value, scaling, per_head=True)
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query, key, value, is_causal=True, scale=scaling, enable_gqa=key.shape[1] != query.shape[1]
+            ).transpose(1, 2)
+        with torch.no_grad():  # choosing and storing tokens is not differentiable: the cache keeps no graph
+            self.scores = timed(state, lambda: press.score(query, key, scaling, columns))
+            if self.layer_idx == state.num_layers - 1:
+                layers = sorted(state.layers, key=lambda layer: layer.layer_idx)
+                timed(state, lambda: press.compress(layers, state.model))
+                state.compressed = True
+        return out
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Reorder the batch for beam search (stores that hold one prompt refuse several beams)."""
@@ -86,7 +109,7 @@ class CompressedLayer(DynamicLayer):
             return super().reorder_cache(beam_idx)
         self.store.reorder(beam_idx)
 
-    def compress_to(self, store) -> None:
+    def compress_to(self, store: Store) -> None:
         """Replace the dense prefill tensors by ``store``."""
         self.store = store
         self.keys = self.values = None
@@ -106,9 +129,7 @@ class CompressedLayer(DynamicLayer):
 
     def attended_tokens(self) -> float:
         """Cached tokens a head of this layer attends to, averaged over its heads."""
-        visible = getattr(self.store, "visible", None)
-        return float(visible.sum(dim=-1, dtype=torch.float32).mean()) if visible is not None \
-            else float(self.physical_length())
+        return self.store.attended_tokens() if self.store is not None else float(self.physical_length())
 
     def nbytes(self) -> int:
         """Bytes this layer holds now."""
@@ -142,7 +163,7 @@ class CompressedCache(DynamicCache):
     questions from one compressed context.
     """
 
-    def __init__(self, press: object, model: torch.nn.Module) -> None:
+    def __init__(self, press: Press, model: torch.nn.Module) -> None:
         super().__init__(config=model.config)
         self.state = new_state(press, model)
         self.layers = [CompressedLayer(self.state, i) for i in range(self.state.num_layers)]
@@ -174,7 +195,7 @@ class CompressedCache(DynamicCache):
         return copy.deepcopy(self, memo)
 
 
-def new_state(press: object, model: torch.nn.Module) -> PressState:
+def new_state(press: Press, model: torch.nn.Module) -> PressState:
     config = model.config.get_text_config(decoder=True)
     return PressState(press=press, model=model, num_layers=config.num_hidden_layers)
 
@@ -185,9 +206,10 @@ def _layers(cache) -> list[CompressedLayer]:
 
 def _batch(cache) -> int:
     for layer in _layers(cache):
-        tensor = layer.keys if layer.store is None else getattr(layer.store, "keys", None)
-        if isinstance(tensor, torch.Tensor) and tensor.dim() == 4:
-            return tensor.shape[0]
+        if layer.store is not None:
+            return layer.store.batch
+        if layer.keys is not None and layer.keys.dim() == 4:
+            return layer.keys.shape[0]
     return 1
 
 
@@ -215,6 +237,14 @@ def convert_cache(cache, state_for: Callable[[object], PressState], layer_idx: i
     layer = CompressedLayer(state, layer_idx)
     cache.layers[layer_idx] = layer
     state.layers.append(layer)
+
+
+def _is_plain_causal(mask: torch.Tensor) -> bool:
+    """Whether a 4D prefill mask (boolean or additive) only encodes causality, no padding."""
+    q, k = mask.shape[-2:]
+    causal = torch.ones(q, k, dtype=torch.bool, device=mask.device).tril_(k - q)
+    allowed = mask if mask.dtype == torch.bool else mask == 0
+    return bool(torch.equal(allowed, causal.expand_as(allowed)))
 
 
 def timed(state: PressState, fn: Callable[[], object]) -> object:

@@ -15,14 +15,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from ..chat import prompt_ids, question_ids
 from ..compat import with_cache
 from ..errors import InputError
 from ..memory import PeakMemory
 from ..models import LoadedModel
-from . import build_press
 from .presses import KVPress
-
-SPLIT = "\n\n"  # between the context and the question inside the user message
+from .registry import build_press
 
 
 @dataclass
@@ -68,32 +67,6 @@ class _Clock(BaseStreamer):
         if len(generated) < 2:
             return None
         return (len(generated) - 1) / (generated[-1] - generated[0])
-
-
-def prompt_ids(tokenizer, context: str, question: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids of the prompt split into (context part, question part).
-
-    With a chat template, the user message is ``context + "\\n\\n" + question``
-    and the split falls between the two; the first part is a prefix of the
-    full chat prompt, so its cache can be reused for any question.
-    """
-    if getattr(tokenizer, "chat_template", None):
-        marker = "\u2063CTXPRESS\u2063"
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": context + marker + SPLIT + question}],
-            tokenize=False, add_generation_prompt=True)
-        head, tail = rendered.split(marker)
-        first = tokenizer(head, add_special_tokens=False, return_tensors="pt").input_ids
-    else:
-        tail = SPLIT + question + SPLIT + "Answer:"
-        first = tokenizer(context, return_tensors="pt").input_ids
-    second = tokenizer(tail, add_special_tokens=False, return_tensors="pt").input_ids
-    return first, second
-
-
-def question_ids(tokenizer, question: str) -> torch.Tensor:
-    """The question part of :func:`prompt_ids`, which does not depend on the context."""
-    return prompt_ids(tokenizer, "", question)[1]
 
 
 class CompressedContext:

@@ -1,10 +1,11 @@
-"""KV-cache compression methods ("presses") on one mechanism.
+"""KV-cache compression methods ("presses"): pure policy over one mechanism.
 
-Each press is a small dataclass: how it scores tokens at prefill
-(:meth:`KVPress.score`) and how many each layer keeps (:meth:`KVPress.keep_counts`).
-The shared machinery (:mod:`ctxpress.kv.cache`) runs the prefill, collects
-the scores layer by layer, then calls :meth:`KVPress.compress` once. Two
-ways to use any press::
+Each press is a small dataclass whose fields are its options: how it scores
+tokens at prefill (:meth:`KVPress.score`) and how many each layer keeps
+(:meth:`EvictionPress.keep_counts`). The machinery (:mod:`ctxpress.kv.cache`)
+runs the prefill, collects the scores layer by layer, then calls
+:meth:`KVPress.compress` once; :mod:`ctxpress.kv.contracts` states the
+interface. Two ways to use any press::
 
     cache = SnapKV(ratio=0.2).cache(model)            # explicit cache
     model.generate(ids, cache=cache, ...)              # past_key_values= before transformers 5.2x
@@ -19,70 +20,63 @@ number of tokens each head keeps per layer, on average over layers.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import numbers
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from ..attention import ATTN_IMPLEMENTATION, attention_implementation, attention_with_column_sums, register
+from ..attention import ATTN_IMPLEMENTATION, attention_implementation, register
 from ..compat import cache_from_kwargs
 from ..errors import InputError
+from ..options import Configurable
 from .budget import pyramid_keep, uniform_keep
-from .cache import CompressedCache, CompressedLayer, PressState, convert_cache, new_state, timed
+from .cache import CompressedCache, PressState, convert_cache, new_state
+from .contracts import PrefilledLayer, Press
 from .scores import NORMALIZE, group_mean, pool, window_scores
 from .store import DenseStore
 
 
 @dataclass
-class KVPress:
-    """No compression: the reference every press is measured against."""
+class KVPress(Configurable, Press):
+    """No compression: the reference every press is measured against.
+
+    Options: ``ratio`` (fraction of the dense cache's bytes to keep) or
+    ``tokens`` (tokens each head keeps per layer, on average over layers),
+    for the presses that take a budget.
+    """
 
     ratio: float | None = None
     tokens: int | None = None
 
     name: ClassVar[str] = "full"
-    needs_budget: ClassVar[bool] = False
+    needs_budget: ClassVar[bool] = False  # the class's answer to takes_budget, unless options change it
 
-    def __post_init__(self) -> None:
-        self.check_types()
+    @classmethod
+    def takes_budget(cls, options: Mapping[str, object] | None = None) -> bool:
+        return cls.needs_budget
+
+    def validate(self) -> None:
         if self.ratio is not None and self.tokens is not None:
             raise InputError("give a ratio or a token budget, not both")
-        if self.ratio is not None and not 0 < self.ratio <= 1:  # types are checked above
+        if self.ratio is not None and not 0 < self.ratio <= 1:  # types are checked before
             raise InputError(f"ratio must be in (0, 1], got {self.ratio!r}")
         if self.tokens is not None and self.tokens < 1:
             raise InputError(f"tokens must be a positive integer, got {self.tokens!r}")
-        if self.needs_budget and self.ratio is None and self.tokens is None:
-            raise InputError(f"{self.name} needs a budget: ratio (fraction of the cache) or tokens")
+        budget = self.ratio is not None or self.tokens is not None
+        if type(self).takes_budget(vars(self)):
+            if not budget:
+                raise InputError(f"{self.name} needs a budget: ratio (fraction of the cache) or tokens")
+        elif budget:
+            raise InputError(f"{self.name}{self.keeps_all_because()} keeps every token: it takes no budget "
+                             "(no ratio, no tokens)")
 
-    def check_types(self) -> None:
-        """Every option must have its declared type, so a mistyped value is an error
-        (``per_head=maybe`` is not silently true, ``window=abc`` fails before the prefill)."""
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            annotation = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
-            allowed = {t.strip() for t in annotation.split("|")}
-            if not allowed <= {"bool", "int", "float", "str", "None"}:
-                continue  # a richer annotation (a subclass's own option): its class checks it
-            if value is None and "None" in allowed:
-                continue
-            if isinstance(value, bool):
-                ok = "bool" in allowed
-            elif isinstance(value, numbers.Integral):
-                ok = bool(allowed & {"int", "float"})
-            elif isinstance(value, numbers.Real):
-                ok = "float" in allowed
-            else:
-                ok = isinstance(value, str) and "str" in allowed
-            if not ok:
-                kinds = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "text"}
-                wanted = " or ".join(kinds[t] for t in ("bool", "int", "float", "str") if t in allowed)
-                raise InputError(f"{self.name}: {field.name} must be {wanted}, got {value!r}")
+    def keeps_all_because(self) -> str:
+        """The options that make this press keep every token, for the error message."""
+        return ""
 
     # -- the two ways in ---------------------------------------------------------------
     def cache(self, model: torch.nn.Module) -> CompressedCache:
@@ -123,48 +117,12 @@ class KVPress:
             for hook in hooks:
                 hook.remove()
 
-    # -- the mechanism -----------------------------------------------------------------
-    needs_column_sums: ClassVar[bool] = False
-
-    def prefill(self, layer: CompressedLayer, module, query, key, value, attention_mask, scaling) -> torch.Tensor:
-        """Attention of the prefill pass, plus this layer's scores; compress after the last layer."""
-        state = layer.state
-        if attention_mask is not None and not _is_plain_causal(attention_mask):
-            raise InputError("KV compression needs unpadded input (one prompt, or prompts of equal length)")
-        window = getattr(module.config, "sliding_window", None)
-        if window and query.shape[2] > window:
-            raise InputError(f"the prompt is longer than the model's sliding window ({window})")
-        columns = None
-        if self.needs_column_sums:
-            out, columns = attention_with_column_sums(query, key, value, scaling, per_head=True)
-        else:
-            out = torch.nn.functional.scaled_dot_product_attention(
-                query, key, value, is_causal=True, scale=scaling, enable_gqa=key.shape[1] != query.shape[1]
-            ).transpose(1, 2)
-        with torch.no_grad():  # choosing and storing tokens is not differentiable: the cache keeps no graph
-            layer.scores = timed(state, lambda: self.score(query, key, scaling, columns))
-            if layer.layer_idx == state.num_layers - 1:
-                timed(state, lambda: self.compress(state))
-                state.compressed = True
-        return out
-
+    # -- the policy ---------------------------------------------------------------------
     def score(self, query, key, scaling, columns) -> torch.Tensor | None:
-        """Importance of every prompt token, (b, heads, n); None if the press needs none."""
         return None
 
-    def compress(self, state: PressState) -> None:
-        """Replace every layer's prefill tensors by what it keeps."""
-
-    def settings(self) -> dict:
-        return {k: v for k, v in vars(self).items() if v is not None}
-
-
-def _is_plain_causal(mask: torch.Tensor) -> bool:
-    """Whether a 4D prefill mask (boolean or additive) only encodes causality, no padding."""
-    q, k = mask.shape[-2:]
-    causal = torch.ones(q, k, dtype=torch.bool, device=mask.device).tril_(k - q)
-    allowed = mask if mask.dtype == torch.bool else mask == 0
-    return bool(torch.equal(allowed, causal.expand_as(allowed)))
+    def compress(self, layers: Sequence[PrefilledLayer], model: torch.nn.Module) -> None:
+        """Keep everything: the layers stay dense."""
 
 
 def _is_attention(module: torch.nn.Module) -> bool:
@@ -173,13 +131,17 @@ def _is_attention(module: torch.nn.Module) -> bool:
 
 @dataclass
 class EvictionPress(KVPress):
-    """Keep each layer's top-scored tokens (one choice per KV head) plus a recent window."""
+    """Keep each layer's top-scored tokens (one choice per KV head) plus a recent window.
+
+    Options: a budget (``ratio`` or ``tokens``, see :class:`KVPress`); ``window``
+    (default 32): the most recent prompt tokens, always kept.
+    """
 
     window: int = 32
     needs_budget: ClassVar[bool] = True
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def validate(self) -> None:
+        super().validate()
         if self.window < 0:
             raise InputError(f"{self.name}: window must be >= 0 tokens, got {self.window}")
 
@@ -202,8 +164,7 @@ class EvictionPress(KVPress):
     def effective_window(self, n: int) -> int:
         return max(0, min(self.window, self.mean_keep(n) - 1, n))
 
-    def compress(self, state: PressState) -> None:
-        layers = sorted(state.layers, key=lambda layer: layer.layer_idx)
+    def compress(self, layers: Sequence[PrefilledLayer], model: torch.nn.Module) -> None:
         n = layers[0].seen
         window = self.effective_window(n)
         for layer, keep in zip(layers, self.keep_counts(n, len(layers))):
@@ -224,13 +185,16 @@ class EvictionPress(KVPress):
 
 @dataclass
 class StreamingLLM(EvictionPress):
-    """Attention sinks (the first tokens) plus the most recent tokens."""
+    """Attention sinks (the first tokens) plus the most recent tokens.
+
+    Options: a budget; ``sinks`` (default 4): first tokens always kept; ``window`` is unused (recency is the score).
+    """
 
     sinks: int = 4
     name: ClassVar[str] = "streaming"
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def validate(self) -> None:
+        super().validate()
         if self.sinks < 0:
             raise InputError(f"streaming: sinks must be >= 0 tokens, got {self.sinks}")
 
@@ -243,7 +207,10 @@ class StreamingLLM(EvictionPress):
 
 @dataclass
 class H2O(EvictionPress):
-    """Heavy hitters: attention accumulated over every prompt query, plus recent tokens."""
+    """Heavy hitters: attention accumulated over every prompt query, plus recent tokens.
+
+    Options: a budget; ``window`` (default 32): recent tokens always kept.
+    """
 
     name: ClassVar[str] = "h2o"
     needs_column_sums: ClassVar[bool] = True
@@ -254,14 +221,20 @@ class H2O(EvictionPress):
 
 @dataclass
 class SnapKV(EvictionPress):
-    """Attention of an observation window (the last prompt tokens), pooled."""
+    """Attention of an observation window (the last prompt tokens), pooled.
+
+    Options: a budget; ``window`` (default 32): the observation window, whose
+    queries score every token and whose tokens are always kept; ``kernel``
+    (default 5): width of the max-pooling over neighbouring scores;
+    ``normalize`` (default ``sum``): how the window's attention rows are combined.
+    """
 
     kernel: int = 5
     normalize: str = "sum"
     name: ClassVar[str] = "snapkv"
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def validate(self) -> None:
+        super().validate()
         if self.window < 1:
             raise InputError(f"{self.name}: the observation window must hold at least 1 token, got {self.window}")
         if self.kernel < 1:
@@ -277,13 +250,16 @@ class SnapKV(EvictionPress):
 
 @dataclass
 class PyramidKV(SnapKV):
-    """SnapKV scores with a pyramid budget: more tokens in shallow layers, fewer in deep ones."""
+    """SnapKV scores with a pyramid budget: more tokens in shallow layers, fewer in deep ones.
+
+    Options: SnapKV's, and ``beta`` (default 0.05): the last layer's share of the context.
+    """
 
     beta: float = 0.05
     name: ClassVar[str] = "pyramidkv"
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def validate(self) -> None:
+        super().validate()
         if not 0 <= self.beta <= 1:
             raise InputError(f"{self.name}: beta (the last layer's share of the context) must be in [0, 1], "
                              f"got {self.beta}")

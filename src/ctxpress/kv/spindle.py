@@ -17,6 +17,7 @@ bisection picks the largest selection that fits.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -25,7 +26,7 @@ import torch
 
 from ..errors import InputError
 from . import codebook as cb
-from .cache import PressState
+from .contracts import PrefilledLayer
 from .presses import PyramidKV
 from .rope import interleave, phases, rotary_module, unrotate
 from .scores import group_mean
@@ -36,8 +37,15 @@ from .store import CodedColumns, CodedKeys, DenseColumns, HeadwiseStore, dtype_s
 class SpindleKV(PyramidKV):
     """Per-query-head pyramid eviction + K/V codebooks (Tang et al., ACL 2025).
 
-    Ablations: ``per_head=False`` (one choice per KV group), ``codebook=False``
-    (eviction only), ``evict=False`` (codebook only; no budget).
+    Options: PyramidKV's (a budget, ``window``, ``kernel``, ``normalize``,
+    ``beta``); the ``ratio`` counts stored bytes, codebooks and masks included.
+    ``theta_k`` / ``theta_v`` (0.98 / 0.95): cosine similarity a key / value
+    needs to share a codebook entry; ``encode_every`` (64): decoded tokens held
+    dense before they are coded together; ``dense_fallback`` (true) and
+    ``min_saving`` (0.1): code a layer's K or V only where that saves at least
+    this fraction of its bytes. Ablations: ``per_head=False`` (one choice per
+    KV group), ``codebook=False`` (eviction only), ``evict=False`` (codebook
+    only; no budget).
     """
 
     per_head: bool = True
@@ -53,11 +61,15 @@ class SpindleKV(PyramidKV):
     min_saving: float = 0.1
     name: ClassVar[str] = "spindlekv"
 
-    def __post_init__(self) -> None:
-        self.check_types()  # before any rule reads a flag: evict=0 is a mistake, not False
-        if not self.evict and (self.ratio is not None or self.tokens is not None):
-            raise InputError("spindlekv with evict=False keeps every token: the codebook alone sets the size, "
-                             "so it takes no ratio or token budget")
+    @classmethod
+    def takes_budget(cls, options: Mapping[str, object] | None = None) -> bool:
+        return (options or {}).get("evict", True) is not False  # codebook-only keeps every token
+
+    def keeps_all_because(self) -> str:
+        return " with evict=false"
+
+    def validate(self) -> None:
+        super().validate()  # every inherited option is checked, whatever evict is
         if not self.evict and not self.codebook:
             raise InputError("spindlekv with neither eviction nor codebook would not compress")
         if not 0 <= self.min_saving <= 1:
@@ -67,30 +79,30 @@ class SpindleKV(PyramidKV):
                 raise InputError(f"{name} must be a cosine similarity in [-1, 1]")
         if self.encode_every < 1:
             raise InputError(f"encode_every must be >= 1 token, got {self.encode_every}")
-        if self.evict:
-            super().__post_init__()
 
-    def compress(self, state: PressState) -> None:
+    def compress(self, layers: Sequence[PrefilledLayer], model: torch.nn.Module) -> None:
         if not self.per_head and not self.codebook:
-            return super().compress(state)  # exactly PyramidKV
-        layers = sorted(state.layers, key=lambda layer: layer.layer_idx)
+            return super().compress(layers, model)  # exactly PyramidKV
         if layers[0].keys.shape[0] != 1:
             raise InputError("spindlekv compresses one prompt at a time (batch size 1)")
         n = layers[0].seen
         window = self.effective_window(n) if self.evict else n
-        rotary = rotary_module(state.model) if self.codebook else None
-        plans = [_LayerPlan(layer, self, window, rotary) for layer in layers]
+        rotary = rotary_module(model) if self.codebook else None
+        plans = [LayerPlan(layer, self, window, rotary) for layer in layers]
         if not self.evict:
             counts = [n] * len(layers)
         elif self.ratio is None:
             counts = self.keep_counts(n, len(layers))
         else:
-            counts = self._calibrate(plans, n)
+            counts = self.calibrate(plans, n)
         for plan, keep in zip(plans, counts):
             plan.layer.compress_to(plan.store(keep))
 
-    def _calibrate(self, plans: list[_LayerPlan], n: int) -> list[int]:
-        """Per-layer keep counts with the largest mean whose stored bytes fit ``ratio``."""
+    def calibrate(self, plans: list[LayerPlan], n: int) -> list[int]:
+        """Per-layer keep counts (tokens per head) with the largest mean whose stored bytes fit ``ratio``.
+
+        ``plans`` are the layers' :class:`LayerPlan` in layer order, ``n`` the prompt length.
+        """
         target = self.ratio * sum(plan.dense_bytes for plan in plans)
         layers = len(plans)
 
@@ -126,8 +138,14 @@ class SpindleKV(PyramidKV):
         return [min(c, top) for c, top in zip(counts(lo), ceiling)]
 
 
-class _LayerPlan:
-    """One layer's candidate selections and the exact storage cost of each.
+class LayerPlan:
+    """One layer's candidate selections and the exact storage cost of each (public for tests and tuning).
+
+    Made from a prefilled layer (its keys, values and per-head scores), a
+    press's options, the observation window and the model's rotary module:
+    :meth:`nbytes` predicts, exactly, the bytes of :meth:`store` for any
+    ``keep`` (tokens per head), which is what :meth:`SpindleKV.calibrate`
+    bisects over.
 
     A selection is "each head keeps its ``keep`` best tokens". Group ``g``
     needs the tokens whose best rank among its heads (``union_rank``) is

@@ -1,4 +1,4 @@
-"""What a compressed cache layer physically holds.
+"""What a compressed cache layer physically holds: the :class:`~ctxpress.kv.contracts.Store` layouts.
 
 * :class:`DenseStore` - the kept tokens as plain post-RoPE tensors
   (b, kv_heads, tokens, d); used when every query head of a group keeps the
@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import torch
 
+from ..attention import bottom_right_attention
 from ..errors import InputError
 from . import codebook as cb
+from .contracts import Store
 from .rope import interleave, phases, unrotate
 
 
@@ -47,7 +49,7 @@ def dtype_size(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 
 
-class DenseStore:
+class DenseStore(Store):
     """Kept tokens as dense post-RoPE keys and values, (b, kv_heads, tokens, d)."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -56,7 +58,11 @@ class DenseStore:
     def __len__(self) -> int:
         return self.keys.shape[-2]
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
+    @property
+    def batch(self) -> int:
+        return self.keys.shape[0]
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, position: int) -> None:
         self.keys = torch.cat([self.keys, keys], dim=-2)
         self.values = torch.cat([self.values, values], dim=-2)
 
@@ -261,13 +267,15 @@ class CodedKeys(CodedColumns):
         return super().nbytes() + _nbytes(self.positions)
 
 
-class HeadwiseStore:
+class HeadwiseStore(Store):
     """SpindleKV's layout for one layer, batch size 1 (see the module docstring).
 
     Every KV group holds the same number of columns; query head (or KV head)
     ``s`` attends to the columns where ``visible[s]`` is true. Tokens
     arriving while decoding are one new column each, seen by every head.
     """
+
+    batch = 1
 
     def __init__(self, keys: DenseColumns | CodedColumns, values: DenseColumns | CodedColumns,
                  visible: torch.Tensor) -> None:
@@ -295,6 +303,14 @@ class HeadwiseStore:
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (post-RoPE) and values, (1, kv_heads, columns, d); :attr:`mask` masks them per head."""
         return self.keys.materialize()[None], self.values.materialize()[None]
+
+    def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
+        if self.interleaved:  # coded keys come back in the interleaved RoPE layout: so must the queries
+            query = interleave(query)
+        return bottom_right_attention(query, keys, values, scaling, self.mask)
+
+    def attended_tokens(self) -> float:
+        return float(self.visible.sum(dim=-1, dtype=torch.float32).mean())
 
     @property
     def mask(self) -> torch.Tensor | None:

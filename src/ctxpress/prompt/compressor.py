@@ -90,7 +90,7 @@ class PromptCompressor:
         no exact choice). ``instruction`` and ``question`` are kept whole and
         surround the context in ``compressed_prompt``; ``force_tokens`` (literal
         strings or ``[:newline:]``, ``[:digit:]``, ``[:punct:]``) are never
-        dropped. ``options`` override the method's settings (see ``METHODS``).
+        dropped. ``options`` override the method's defaults (its fields, see ``METHODS``).
         """
         return self.compress_batch(
             [context], rate=rate, target_tokens=target_tokens, method=method,
@@ -112,18 +112,21 @@ class PromptCompressor:
         """Compress several contexts together: their forward passes are batched.
 
         ``method`` is a name from ``METHODS`` or a configured method object
-        (``StagedMethod``/``SegmentedMethod``). ``seconds`` of each result is
-        the time of the whole batch.
+        (e.g. ``DACMethod(stages=4)``). ``seconds`` of each result is the time
+        of the whole batch.
         """
         if isinstance(contexts, str):
             raise InputError("compress_batch takes a list of contexts; use compress for one")
         start = time.perf_counter()
         if isinstance(method, str):
-            algorithm, method_name = build_method(method, **options), method
+            algorithm = build_method(method, **options)
+        elif not isinstance(method, Method):
+            raise InputError(f"method must be a name from METHODS or a Method object, got {type(method).__name__}")
         elif options:
             raise InputError("options go with a method name, not with a configured method")
         else:
-            algorithm, method_name = method, type(method).__name__
+            algorithm = method
+        method_name = algorithm.name
         for name, value in (("instruction", instruction), ("question", question)):
             if not isinstance(value, str):
                 raise InputError(f"{name} must be a string")

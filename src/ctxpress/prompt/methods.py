@@ -1,79 +1,152 @@
 """The prompt compression methods by name: DAC and its baselines.
 
-Each is a configuration of one of two mechanisms: staged score-and-drop
-(:class:`StagedMethod`) or left-to-right segments (:class:`SegmentedMethod`).
-Keyword options override a method's defaults, e.g. ``dac`` with
-``stages=1, consecutive=False`` is the one-pass ablation.
+Each method is a small dataclass over one of two mechanisms, staged
+score-and-drop (:class:`StagedMethod`: a subclass only says how tokens are
+scored) or left-to-right segments (:class:`SegmentedMethod`). Its fields are
+its options, with its defaults (``dac`` with ``stages=1, consecutive=False``
+is the one-pass ablation); the first line of its docstring is its
+description. Adding a method is one class and one line in ``METHODS``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
 
 from ..errors import InputError
-from .scoring import FusedScorer, RandomScorer
+from ..options import build
+from .base import Method
 from .segmented import SegmentedMethod
 from .staged import StagedMethod
 
-Method = StagedMethod | SegmentedMethod
+FUSIONS = ("additive", "multiplicative")
+
+
+def min_max(values: torch.Tensor) -> torch.Tensor:
+    """Scale to [0, 1]; a constant vector becomes zeros (as in the DAC reference)."""
+    if values.numel() == 0:
+        return values
+    lo, hi = values.min(), values.max()
+    if hi - lo > 1e-8:
+        return (values - lo) / (hi - lo)
+    return torch.zeros_like(values)
 
 
 @dataclass(frozen=True)
-class MethodSpec:
-    description: str
-    build: Callable[..., Method]
-    options: tuple[str, ...]
+class DACMethod(StagedMethod):
+    """DAC: attention + self-information, re-scored over stages, consecutive rule"""
+
+    name: ClassVar[str] = "dac"
+
+    alpha: float = 0.8  # weight of received attention in the additive fusion
+    fusion: str = "additive"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.fusion not in FUSIONS:
+            raise InputError(f"{self.name}: fusion must be 'additive' or 'multiplicative', got {self.fusion!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise InputError(f"{self.name}: alpha must be in [0, 1], got {self.alpha!r}")
+
+    @property
+    def needs_attention(self) -> bool:  # type: ignore[override]
+        return self.fusion == "multiplicative" or self.alpha > 0
+
+    def score(self, info: torch.Tensor, attention: torch.Tensor | None) -> torch.Tensor:
+        """``additive``: ``alpha * norm(attention) + (1 - alpha) * norm(self-information)``,
+        each min-max scaled over the tokens being scored (``alpha = 0``: self-information
+        alone, ``alpha = 1``: attention alone); ``multiplicative``: ``attention *
+        self-information``, unscaled, as in the reference code."""
+        if self.fusion == "multiplicative":
+            return info * attention
+        score = (1 - self.alpha) * min_max(info)
+        if self.alpha > 0:
+            score = score + self.alpha * min_max(attention)
+        return score
 
 
-def _staged(alpha: float, stages: int | None, consecutive: bool) -> Callable[..., StagedMethod]:
-    def build(alpha: float = alpha, fusion: str = "additive", stages: int | None = stages,
-              consecutive: bool = consecutive) -> StagedMethod:
-        return StagedMethod(FusedScorer(alpha, fusion), stages, consecutive)
+@dataclass(frozen=True)
+class StaticDACMethod(DACMethod):
+    """DAC's fused score in one pass (no stages)"""
 
-    return build
+    name: ClassVar[str] = "dac-static"
+
+    stages: int | None = 1
+    consecutive: bool = False
 
 
-_STAGED_OPTIONS = ("alpha", "fusion", "stages", "consecutive")
+@dataclass(frozen=True)
+class EntropyMethod(DACMethod):
+    """self-information in one pass (Selective-Context style)"""
 
-METHODS: dict[str, MethodSpec] = {
-    "dac": MethodSpec(
-        "DAC: attention + self-information, re-scored over stages, consecutive rule",
-        _staged(0.8, None, True), _STAGED_OPTIONS),
-    "dac-static": MethodSpec(
-        "DAC's fused score in one pass (no stages)", _staged(0.8, 1, False), _STAGED_OPTIONS),
-    "entropy": MethodSpec(
-        "self-information in one pass (Selective-Context style)", _staged(0.0, 1, False), _STAGED_OPTIONS),
-    "entropy-dynamic": MethodSpec(
-        "self-information re-scored over stages, consecutive rule", _staged(0.0, None, True),
-        _STAGED_OPTIONS),
-    "attention": MethodSpec(
-        "received attention in one pass", _staged(1.0, 1, False), _STAGED_OPTIONS),
-    "random": MethodSpec(
-        "uniformly random tokens (seeded)",
-        lambda seed=0: StagedMethod(RandomScorer(seed), 1, False), ("seed",)),
-    "llmlingua": MethodSpec(
-        "LLMLingua-style segments, each scored given the compressed prefix (KV cache)",
-        lambda segment_tokens=100: SegmentedMethod(segment_tokens), ("segment_tokens",)),
-}
+    name: ClassVar[str] = "entropy"
+
+    stages: int | None = 1
+    consecutive: bool = False
+    alpha: float = 0.0
+
+
+@dataclass(frozen=True)
+class DynamicEntropyMethod(DACMethod):
+    """self-information re-scored over stages, consecutive rule"""
+
+    name: ClassVar[str] = "entropy-dynamic"
+
+    alpha: float = 0.0
+
+
+@dataclass(frozen=True)
+class AttentionMethod(DACMethod):
+    """received attention in one pass"""
+
+    name: ClassVar[str] = "attention"
+
+    stages: int | None = 1
+    consecutive: bool = False
+    alpha: float = 1.0
+
+
+@dataclass(frozen=True)
+class RandomMethod(StagedMethod):
+    """uniformly random tokens (seeded), the floor any informed method must beat"""
+
+    name: ClassVar[str] = "random"
+    needs_signals: ClassVar[bool] = False
+    needs_attention: ClassVar[bool] = False
+
+    stages: int | None = 1
+    consecutive: bool = False
+    seed: int = 0
+
+    def score(self, info: torch.Tensor, attention: torch.Tensor | None) -> torch.Tensor:
+        # Seeded by the sequence length too, so equal requests get equal drops.
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + info.numel())
+        return torch.rand(info.numel(), generator=generator)
+
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in [
+    DACMethod,
+    StaticDACMethod,
+    EntropyMethod,
+    DynamicEntropyMethod,
+    AttentionMethod,
+    RandomMethod,
+    SegmentedMethod,
+]}
 
 
 def method_names() -> list[str]:
     return list(METHODS)
 
 
-def build_method(name: str, **options) -> Method:
-    """The method ``name`` with ``options`` overriding its defaults."""
-    if name not in METHODS:
-        raise InputError(f"unknown method '{name}' (choose from: {', '.join(METHODS)})")
-    spec = METHODS[name]
-    unknown = sorted(set(options) - set(spec.options))
-    if unknown:
-        raise InputError(f"method '{name}' has no option {', '.join(unknown)} (it takes: {', '.join(spec.options)})")
-    stages = options.get("stages")
-    if stages is not None and (isinstance(stages, bool) or not isinstance(stages, int) or stages < 1):
-        raise InputError(f"stages must be a positive integer, got {stages!r}")
-    seg = options.get("segment_tokens")
-    if seg is not None and (isinstance(seg, bool) or not isinstance(seg, int) or seg < 1):
-        raise InputError(f"segment_tokens must be a positive integer, got {seg!r}")
-    return spec.build(**options)
+def build_method(name: str, /, **options) -> Method:
+    """The method ``name`` with ``options`` overriding its defaults (one-line InputError otherwise)."""
+    return build(METHODS, "method", name, options)
+
+
+__all__ = [
+    "METHODS", "AttentionMethod", "DACMethod", "DynamicEntropyMethod", "EntropyMethod", "Method", "RandomMethod",
+    "SegmentedMethod", "StagedMethod", "StaticDACMethod", "build_method", "method_names", "min_max",
+]

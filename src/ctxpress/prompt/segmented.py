@@ -13,22 +13,31 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from ..compat import with_cache
+from ..errors import InputError
 from ..progress import progress_bar
+from .base import Method
 from .job import Job
 from .selection import select_drops
 
 
 @dataclass(frozen=True)
-class SegmentedMethod:
+class SegmentedMethod(Method):
+    """LLMLingua-style segments, each scored given the compressed prefix (KV cache)"""
+
+    name: ClassVar[str] = "llmlingua"
+
     segment_tokens: int = 100
 
-    def settings(self) -> dict:
-        return {"segment_tokens": self.segment_tokens}
+    def validate(self) -> None:
+        super().validate()
+        if self.segment_tokens < 1:
+            raise InputError(f"{self.name}: segment_tokens must be a positive integer, got {self.segment_tokens!r}")
 
     def run(self, model: torch.nn.Module, jobs: Sequence[Job], *, batch_tokens: int, progress: bool | None) -> None:
         total = sum(len(job.context) for job in jobs)

@@ -9,39 +9,56 @@ removal; the one-pass baselines are the same mechanism with one stage.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
 
+from ..errors import InputError
+from ..options import INTERNAL, option_names
 from ..progress import progress_bar
 from ..signals import batched_signals
+from .base import Method
 from .job import Job
-from .scoring import FusedScorer, RandomScorer
 from .selection import auto_stages, select_drops, stage_targets
-
-Scorer = FusedScorer | RandomScorer
 
 
 @dataclass(frozen=True)
-class StagedMethod:
-    """A scorer, a number of stages (None: DAC's automatic count) and the consecutive rule."""
+class StagedMethod(Method):
+    """Staged score-and-drop; a subclass says how tokens are scored (:meth:`score`).
 
-    scorer: Scorer
+    ``stages``: how many rounds of scoring and dropping (None: DAC's automatic
+    count, one per hundred context tokens, 1 to 15). ``consecutive``: within a
+    stage, never drop two neighbouring units unless the stage's quota needs it.
+    """
+
     stages: int | None = None
     consecutive: bool = True
     # How signals are computed; swappable so benchmarks can time the
     # output_attentions reference inside the very same method.
-    signal_fn: Callable[..., list] = batched_signals
+    signal_fn: Callable[..., list] = field(default=batched_signals, metadata=INTERNAL, repr=False, compare=False)
+
+    needs_signals: ClassVar[bool] = True  # does score() read the compressor's signals at all
+    needs_attention: ClassVar[bool] = True  # does score() read received attention
+
+    def validate(self) -> None:
+        super().validate()
+        if self.stages is not None and self.stages < 1:
+            raise InputError(f"{self.name}: stages must be a positive integer, got {self.stages!r}")
+
+    @abstractmethod
+    def score(self, info: torch.Tensor, attention: torch.Tensor | None) -> torch.Tensor:
+        """Scores (higher = keep) of the candidate tokens of one window, from their
+        self-information and received attention (None unless ``needs_attention``;
+        zeros for ``info`` unless ``needs_signals``)."""
 
     def settings(self) -> dict:
-        out = {"stages": self.stages if self.stages is not None else "auto", "consecutive": self.consecutive}
-        if isinstance(self.scorer, FusedScorer):
-            out.update(alpha=self.scorer.alpha, fusion=self.scorer.fusion)
-        else:
-            out.update(seed=self.scorer.seed)
-        return out
+        """The options, all of them, ``stages`` None shown as "auto" (as in results files)."""
+        return {k: "auto" if k == "stages" and getattr(self, k) is None else getattr(self, k)
+                for k in option_names(type(self))}
 
     def run(self, model: torch.nn.Module, jobs: Sequence[Job], *, batch_tokens: int, progress: bool | None) -> None:
         plans = []
@@ -50,7 +67,7 @@ class StagedMethod:
             job.stages = self.stages if self.stages is not None else auto_stages(n)
             plans.append(stage_targets(n, job.target, job.stages) if job.target < n else [])
         work = 0
-        if self.scorer.needs_signals:  # tokens the compressor will read, for the progress bar
+        if self.needs_signals:  # tokens the compressor will read, for the progress bar
             for job, plan in zip(jobs, plans):
                 fixed = len(job.windows) * (len(job.prefix) + len(job.suffix))
                 work += sum(kept + fixed for kept in [len(job.context), *plan[:-1]])
@@ -62,8 +79,8 @@ class StagedMethod:
     def _stage(self, model, active: list[tuple[Job, int]], batch_tokens: int, bar) -> None:
         windows = [(job, w) for job, _ in active for w in range(len(job.windows))]
         seqs = [job.sequence(w) for job, w in windows]
-        if self.scorer.needs_signals:
-            signals = self.signal_fn(model, seqs, attention=self.scorer.needs_attention,
+        if self.needs_signals:
+            signals = self.signal_fn(model, seqs, attention=self.needs_attention,
                                      batch_tokens=batch_tokens, on_batch=bar.update)
         else:
             signals = [None] * len(seqs)
@@ -94,6 +111,6 @@ class StagedMethod:
                 ctx = slice(len(job.prefix), len(job.prefix) + n_tok)
                 info = sig.self_information[ctx][cand]
                 attn = None if sig.attention is None else sig.attention[ctx][cand]
-            token_scores[cand] = self.scorer(info, attn).float()
+            token_scores[cand] = self.score(info, attn).float()
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         return np.add.reduceat(token_scores.numpy(), starts) / sizes if len(units) else np.zeros(0)

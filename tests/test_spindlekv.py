@@ -1,0 +1,250 @@
+"""SpindleKV: per-head selection, byte calibration, codebooks and the coded store while decoding."""
+
+
+import pytest
+import torch
+
+from ctxpress.compat import with_cache
+from ctxpress.errors import InputError
+from ctxpress.kv import (
+    SnapKV,
+    SpindleKV,
+)
+from ctxpress.kv.rope import deinterleave, rotary_module
+from ctxpress.kv.spindle import LayerPlan
+from ctxpress.kv.store import ROOM, CodedColumns, CodedKeys, DenseColumns, HeadwiseStore
+
+from conftest import N, compressed, greedy, reference_layers
+
+
+def test_compression_outside_no_grad_keeps_no_graph(tiny_lm, prompt):
+    cache = SpindleKV(ratio=0.3, dense_fallback=False, encode_every=2).cache(tiny_lm.model)
+    tiny_lm.model(prompt[:, :-3], **with_cache(tiny_lm.model, cache))  # gradients on, as in a plain forward call
+    for t in range(3):  # decoding encodes new tokens too
+        tiny_lm.model(prompt[:, -3 + t :][:, :1], **with_cache(tiny_lm.model, cache))
+    stores = [layer.store for layer in cache.layers]
+    assert all(len(store.keys.index[0]) > len(store.visible[0]) - 2 for store in stores)  # a tail was encoded
+    tensors = [t for store in stores for part in (store.keys, store.values) for t in vars(part).values()
+               if isinstance(t, torch.Tensor)]
+    assert tensors and not any(t.requires_grad for t in tensors)
+
+
+def test_spindlekv_compresses_a_few_tokens(tiny_lm, prompt):
+    for length in (2, 3, 5):
+        cache = compressed(tiny_lm.model, SpindleKV(tokens=1), prompt[:, :length])
+        assert all(len(layer.store) >= 1 for layer in cache.layers)
+        with torch.no_grad():
+            tiny_lm.model(prompt[:, length : length + 1], **with_cache(tiny_lm.model, cache))
+
+
+def stored_tensor_bytes(obj, seen=None) -> int:
+    """All tensor bytes reachable from a store (not through modules such as the rotary embedding)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or isinstance(obj, torch.nn.Module):
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    items = obj if isinstance(obj, (list, tuple)) else vars(obj).values() if hasattr(obj, "__dict__") else []
+    return sum(stored_tensor_bytes(v, seen) for v in items)
+
+
+@pytest.mark.parametrize("options", [{}, {"per_head": False}, {"codebook": False}, {"tokens": 40}])
+def test_spindlekv_bytes_and_reconstruction(tiny_lm, prompt, options):
+    ratio = None if "tokens" in options else 0.3
+    # random weights give dissimilar vectors, where the codebook would not pay: force it
+    press = SpindleKV(ratio=ratio, dense_fallback=False, **options)
+    cache = compressed(tiny_lm.model, press, prompt)
+    held = sum(stored_tensor_bytes(layer.store) for layer in cache.layers)
+    assert cache.nbytes() == held  # nbytes counts exactly the tensors held
+    if ratio is not None:
+        assert cache.nbytes() <= ratio * cache.dense_nbytes()
+        assert cache.nbytes() >= 0.8 * ratio * cache.dense_nbytes()  # calibration uses the budget
+    dense, _ = reference_layers(tiny_lm.model, prompt)
+    heads = tiny_lm.model.config.num_attention_heads
+    for layer, (keys, values) in zip(cache.layers, dense):
+        store = layer.store
+        assert isinstance(store, HeadwiseStore)
+        coded = options.get("codebook", True)
+        assert isinstance(store.keys, CodedKeys if coded else DenseColumns)
+        selectors = heads if options.get("per_head", True) else keys.shape[1]
+        assert store.visible.shape[0] == selectors
+        # the heads of a group keep their top tokens up to one bound: as many, or one more
+        kept = store.visible.sum(dim=1).view(keys.shape[1], -1)
+        assert int((kept.amax(dim=1) - kept.amin(dim=1)).max()) <= 1 and int(kept.max()) < N
+        k, v = store.materialize()
+        if store.interleaved:  # coded keys come back in the interleaved RoPE layout
+            k = deinterleave(k)
+        groups = selectors // keys.shape[1]
+        for s in range(selectors):
+            g = s // groups
+            seen = store.visible[s]
+            k_s, v_s = k[0, g, seen], v[0, g, seen]
+            if coded:  # every kept vector is within its threshold of the original at its position
+                pos = store.keys.positions[g, seen].long()
+                cos_k = torch.nn.functional.cosine_similarity(k_s, keys[0, g, pos], dim=-1)
+                cos_v = torch.nn.functional.cosine_similarity(v_s, values[0, g, pos], dim=-1)
+                assert torch.all(cos_k > 0.98 - 1e-4) and torch.all(cos_v > 0.95 - 1e-4)
+                torch.testing.assert_close(k_s.norm(dim=-1), keys[0, g, pos].norm(dim=-1))
+            else:  # dense rows are the original vectors (up to the eager/SDPA difference)
+                gap = (k_s[:, None] - keys[0, g][None]).abs().amax(dim=-1).min(dim=1).values
+                assert bool((gap < 1e-4).all())
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+def test_spindlekv_plans_count_the_bytes_stores_hold(tiny_lm, prompt, fallback):
+    """Calibration relies on predicted sizes: they must equal what a store of that size holds."""
+    checked = []
+
+    class Checked(SpindleKV):
+        def compress(self, layers, model):
+            rotary = rotary_module(model)
+            for layer in layers:
+                plan = LayerPlan(layer, self, self.effective_window(N), rotary)
+                plan.prepare(N)
+                for keep in (3, N // 3, N - 5, N):
+                    checked.append((plan.nbytes(keep), plan.store(keep).nbytes()))
+            super().compress(layers, model)
+
+    compressed(tiny_lm.model, Checked(ratio=0.3, dense_fallback=fallback), prompt)
+    predicted, held = zip(*checked)
+    assert len(checked) == 4 * tiny_lm.model.config.num_hidden_layers
+    assert predicted == held and len(set(held)) > 4
+
+
+def test_codebook_used_only_where_it_saves_bytes(tokenizer, prompt):
+    from conftest import make_model
+
+    model = make_model(len(tokenizer), kv_heads=2)
+    with torch.no_grad():  # layer 0's keys all point the same way: its key codebook collapses
+        model.model.layers[0].self_attn.k_proj.weight[:] = model.model.layers[0].self_attn.k_proj.weight[:1]
+    cache = compressed(model, SpindleKV(ratio=0.3), prompt)
+    first, last = cache.layers[0].store, cache.layers[-1].store
+    assert isinstance(first.keys, CodedKeys) and len(first.keys.entries) <= 4
+    assert isinstance(last.keys, DenseColumns) and isinstance(last.values, DenseColumns)
+    forced = compressed(model, SpindleKV(ratio=0.3, dense_fallback=False), prompt)
+    assert isinstance(forced.layers[-1].store.keys, CodedKeys)
+    assert cache.layers[-1].nbytes() <= forced.layers[-1].nbytes()
+
+
+def test_min_saving_codes_only_parts_that_save_enough(tokenizer, prompt):
+    from conftest import make_model
+
+    model = make_model(len(tokenizer), kv_heads=2)
+    with torch.no_grad():  # layer 0's keys all point the same way: its key codebook saves almost everything
+        model.model.layers[0].self_attn.k_proj.weight[:] = model.model.layers[0].self_attn.k_proj.weight[:1]
+    forced = compressed(model, SpindleKV(ratio=0.3, dense_fallback=False, min_saving=1.0), prompt)
+    assert all(isinstance(layer.store.keys, CodedKeys) for layer in forced.layers)  # no fallback: the bar is moot
+    coded = {}
+    for bar in (0.0, 0.5, 1.0):
+        cache = compressed(model, SpindleKV(ratio=0.3, min_saving=bar), prompt)
+        assert cache.nbytes() <= 0.3 * cache.dense_nbytes()
+        coded[bar] = [isinstance(layer.store.keys, CodedKeys) for layer in cache.layers]
+    assert coded[0.5][0] and not any(coded[0.5][1:])  # only the collapsed layer saves half its bytes
+    assert not any(coded[1.0])  # no codebook saves everything: all dense
+    assert sum(coded[0.0]) >= sum(coded[0.5])
+    with pytest.raises(InputError, match="min_saving"):
+        SpindleKV(ratio=0.3, min_saving=1.5)
+
+
+def test_spindlekv_per_head_selection_is_per_query_head(tiny_lm, prompt):
+    cache = compressed(tiny_lm.model, SpindleKV(ratio=0.3, codebook=False), prompt)
+    store = cache.layers[-1].store
+    first, second = store.visible[0], store.visible[1]  # two query heads sharing KV head 0
+    assert not torch.equal(first, second) and abs(int(first.sum()) - int(second.sum())) <= 1  # own choices
+    both = first | second
+    assert both.sum() < first.sum() + second.sum()  # tokens both keep are stored once
+    # no column is wasted: every column of a group is seen by one of its heads
+    assert all(bool((store.visible[2 * g] | store.visible[2 * g + 1]).all()) for g in range(2))
+    assert len(store) == len(store.keys) == len(store.values)
+
+
+def test_spindlekv_heads_see_their_own_top_tokens(lm, prompt):
+    """Each query head sees exactly its best-scored tokens, at least its layer's budget
+    (a narrower group's heads see a few more, in columns that would be padding)."""
+    captured = {}
+
+    class Captured(SpindleKV):
+        def compress(self, layers, model):
+            captured["scores"] = [layer.scores[0].clone() for layer in layers]
+            super().compress(layers, model)
+
+        def calibrate(self, plans, n):
+            captured["keep"] = super().calibrate(plans, n)
+            return captured["keep"]
+
+    press = Captured(ratio=0.3, dense_fallback=False)  # coded keys carry every column's position
+    cache = compressed(lm.model, press, prompt)
+    window = press.effective_window(N)
+    for layer, scores, keep in zip(cache.layers, captured["scores"], captured["keep"], strict=True):
+        store = layer.store
+        scores[:, N - window :] = float("inf")  # the window is always kept
+        group = scores.shape[0] // store.keys.index.shape[0]
+        for s in range(scores.shape[0]):
+            tokens = store.keys.positions[s // group, store.visible[s]].long()
+            assert len(tokens) >= keep
+            assert set(tokens.tolist()) == set(scores[s].topk(len(tokens)).indices.tolist())
+
+
+def test_codebook_only_keeps_every_token(tiny_lm, prompt):
+    cache = compressed(tiny_lm.model, SpindleKV(evict=False, dense_fallback=False), prompt)
+    for layer in cache.layers:
+        store = layer.store
+        assert len(store) == N and isinstance(store.keys, CodedKeys) and isinstance(store.values, CodedColumns)
+        positions = store.keys.positions.sort(dim=1).values  # every group holds every position once
+        assert torch.equal(positions, torch.arange(N, dtype=positions.dtype).expand_as(positions))
+
+
+def test_decode_growth_is_bounded(tiny_lm, prompt):
+    for press in (SnapKV(ratio=0.3), SpindleKV(ratio=0.3), SpindleKV(ratio=0.3, codebook=False)):
+        cache = compressed(tiny_lm.model, press, prompt[:, :-1])
+        after_prefill, dense_prompt = cache.nbytes(), cache.dense_nbytes()
+        out = greedy(tiny_lm.model, prompt, **with_cache(tiny_lm.model, cache), min_new_tokens=12)
+        new = out.shape[1] - N
+        # a new token costs at most its dense size plus, per layer and KV head, the
+        # codebook's index and magnitude for K and V, its position and one mask
+        # byte for each query head of the group; dense parts reserve room for ROOM tokens at a time
+        layers, kv_heads = len(cache.layers), cache.layers[0].kv_heads
+        group = tiny_lm.model.config.num_attention_heads // kv_heads
+        meta = 2 * (4 + 4) + 4 + group
+        per_token = dense_prompt / (N - 1) + layers * kv_heads * meta
+        assert cache.get_seq_length() == N + new - 1  # the last token is never fed back
+        room = ROOM if isinstance(press, SpindleKV) else 0
+        assert cache.nbytes() <= after_prefill + (new + 1 + room) * per_token
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+def test_decoded_tokens_wait_dense_then_encode(tiny_lm, prompt, fallback):
+    press = SpindleKV(ratio=0.3, encode_every=4, dense_fallback=fallback)
+    cache = compressed(tiny_lm.model, press, prompt[:, :-1])
+    stores = [layer.store for layer in cache.layers]
+    listed = [len(store) for store in stores]
+    greedy(tiny_lm.model, prompt, **with_cache(tiny_lm.model, cache), min_new_tokens=6, max_new_tokens=6)
+    # 6 tokens fed (the last prompt token and 5 generated): coded parts have encoded 4, 2 wait
+    for store, before in zip(stores, listed):
+        assert len(store) == before + 6 and bool(store.visible[:, -6:].all())  # every head sees every new token
+        for part in (store.keys, store.values):
+            assert len(part) == before + 6
+            if isinstance(part, CodedColumns):
+                assert part.tail.shape[1] == 2 and part.index.shape[1] == before + 4
+    assert fallback or all(isinstance(store.keys, CodedColumns) for store in stores)  # random weights: all dense
+
+
+def test_encoding_the_tail_keeps_each_token_at_its_position(tiny_lm, prompt):
+    cache = compressed(tiny_lm.model, SpindleKV(ratio=0.3, encode_every=4, dense_fallback=False), prompt[:, :-3])
+    with torch.no_grad():
+        tiny_lm.model(prompt[:, -3:], **with_cache(tiny_lm.model, cache))  # three tokens wait in the tail
+        for layer in cache.layers:
+            assert layer.store.keys.tail.shape[1] == layer.store.values.tail.shape[1] == 3
+        waiting = [layer.store.materialize() for layer in cache.layers]
+        tiny_lm.model(torch.tensor([[7]]), **with_cache(tiny_lm.model, cache))  # the fourth: all four are encoded
+    for layer, (k0, v0) in zip(cache.layers, waiting):
+        assert layer.store.keys.tail.shape[1] == layer.store.values.tail.shape[1] == 0
+        k1, v1 = layer.store.materialize()
+        old_k, new_k = k0[0, :, -3:], k1[0, :, -4:-1]  # interleaved, post-RoPE: same layout before and after
+        assert torch.all(torch.nn.functional.cosine_similarity(old_k, new_k, dim=-1) > 0.98 - 1e-4)
+        assert torch.all(torch.nn.functional.cosine_similarity(v0[0, :, -3:], v1[0, :, -4:-1], dim=-1) > 0.95 - 1e-4)
+        torch.testing.assert_close(old_k.norm(dim=-1), new_k.norm(dim=-1))
+        # the new columns carry their sequence positions, in every group
+        expected = torch.arange(N - 3, N + 1, dtype=torch.int32).expand(layer.store.keys.index.shape[0], 4)
+        assert torch.equal(layer.store.keys.positions[:, -4:], expected)
