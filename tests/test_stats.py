@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ctxpress.bench import report
-from ctxpress.bench.stats import bootstrap_mean, paired_difference, verdict
+from ctxpress.bench.stats import MIN_PAIRED, bootstrap_mean, paired_difference, verdict
 
 
 def test_bootstrap_interval_brackets_the_mean_and_shrinks_with_more_examples():
@@ -27,10 +27,13 @@ def test_paired_difference_uses_only_shared_examples():
 
 
 def test_verdict_knows_which_direction_is_better():
-    lower = bootstrap_mean([-0.5, -0.4, -0.6, -0.5])
+    lower = bootstrap_mean([-0.5, -0.4, -0.6, -0.5] * 3)
     assert verdict(lower, "nll") == "better" and verdict(lower, "survival") == "worse"
-    noise = bootstrap_mean([-1.0, 1.0, -0.5, 0.5])
+    noise = bootstrap_mean([-1.0, 1.0, -0.5, 0.5] * 3)
     assert not noise.excludes_zero and verdict(noise, "nll") == "tie"
+    few = bootstrap_mean([-0.5] * (MIN_PAIRED - 1))  # no width, yet too few examples to say anything
+    assert few.excludes_zero and verdict(few, "nll") == "tie"
+    assert verdict(bootstrap_mean([-0.5, -0.4, -0.6] * 4), "nll") == "better"
 
 
 def _rows(config, nlls, survival, budget_rate=0.5):

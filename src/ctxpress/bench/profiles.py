@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from ..errors import InputError
 from ..kv import PRESSES
 from ..prompt.methods import METHODS
-from .synthetic import CommonWords, MultiKeyNeedle, VariableTracking
+from .synthetic import MultiKeyNeedle
 from .tasks import NQ, KVRetrieval, NeedleInHaystack
 
 PROMPT_METHODS = tuple(METHODS)
@@ -142,9 +142,10 @@ def profile(name: str) -> Profile:
             {"niah": (NeedleInHaystack(lengths=(1024, 2048, 4096), depths=(0.1, 0.3, 0.5, 0.7, 0.9)), 30),
              "kv-retrieval": (KVRetrieval(pairs=25), 30),
              "nq": (NQ(documents=5, gold_positions=(0, 2, 4)), 100),
-             "niah-multikey": (MultiKeyNeedle(lengths=(1024, 2048)), 30),
-             "variable-tracking": (VariableTracking(lengths=(1024, 2048)), 30),
-             "common-words": (CommonWords(), 30)},
+             # Generated tasks are kept only where the uncompressed embedded model scores well enough to
+             # show a loss (10 dev examples, full context): niah-multikey with 2 needles 0.60 (with 4: 0.20);
+             # variable-tracking (0.10) and common-words (0.10) are left out (README, "Quality").
+             "niah-multikey": (MultiKeyNeedle(lengths=(1024, 2048), needles=2), 30)},
             prompt_methods=(), kv_ratios=(0.5, 0.2, 0.1), kv_settings=KV_SETTINGS,
         )
     raise InputError(f"unknown profile '{name}' (choose from: {', '.join(PROFILES)})")

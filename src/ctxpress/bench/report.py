@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import CtxpressError
 from .profiles import Config
-from .stats import HIGHER_IS_BETTER, Interval, bootstrap_mean, paired_difference, verdict
+from .stats import HIGHER_IS_BETTER, MIN_PAIRED, Interval, bootstrap_mean, paired_difference, verdict
 
 MEASURES = ("score", "survival", "nll", "kl", "token_rate", "byte_rate", "prompt_seconds", "kv_compress_seconds",
             "prefill_seconds", "decode_tokens_per_second", "peak_memory_bytes")
@@ -189,7 +189,8 @@ def markdown(summary: list[dict], comparisons_: list[dict] | None = None) -> str
         out.append("")
         task_comparisons = [c for c in comparisons_ if c["task"] == task]
         beats = _beats(task_comparisons)
-        out.append("Significant differences (95% interval of the paired difference excludes zero):\n")
+        out.append(f"Significant differences (95% interval of the paired difference excludes zero, "
+                   f"at least {MIN_PAIRED} paired examples):\n")
         out.extend(beats or ["- none"])
         out.append("")
         for measure in ("nll", "survival", "score"):

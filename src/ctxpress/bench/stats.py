@@ -16,6 +16,9 @@ import numpy as np
 
 RESAMPLES = 10_000
 LEVEL = 0.95
+# Below this many paired examples no verdict is drawn: a bootstrap over a handful of values
+# is far too narrow (over one value it has no width at all).
+MIN_PAIRED = 10
 
 # Which direction is better for each measure compared (the rest are costs, not compared).
 HIGHER_IS_BETTER = {"score": True, "survival": True, "nll": False, "kl": False}
@@ -60,10 +63,11 @@ def paired_difference(a: dict[str, float], b: dict[str, float], **kwargs) -> Int
 
 
 def verdict(difference: Interval, measure: str) -> str:
-    """"better", "worse" or "tie" for the first of the two compared on ``measure``."""
-    if not difference.excludes_zero:
+    """"better", "worse" or "tie" for the first of the two compared on ``measure``
+    ("tie" also when fewer than :data:`MIN_PAIRED` examples are paired)."""
+    if difference.n < MIN_PAIRED or not difference.excludes_zero:
         return "tie"
     return "better" if (difference.mean > 0) == HIGHER_IS_BETTER[measure] else "worse"
 
 
-__all__ = ["HIGHER_IS_BETTER", "Interval", "bootstrap_mean", "paired_difference", "verdict"]
+__all__ = ["HIGHER_IS_BETTER", "MIN_PAIRED", "Interval", "bootstrap_mean", "paired_difference", "verdict"]
