@@ -48,31 +48,45 @@ def recall(prediction: str, answers: list[str]) -> float:
     return sum(a in prediction for a in answers) / len(answers)
 
 
-@dataclass(frozen=True)
-class MultiKeyNeedle:
-    lengths: tuple[int, ...] = (1024, 2048)
-    needles: int = 4
-    max_new_tokens: int = 32
-    name: str = "niah-multikey"
+class _InHaystack:
+    """A task whose facts are sentences inserted into a stretch of the split's essays."""
+
+    lengths: tuple[int, ...]
+    name: str
 
     def examples(self, data: Path, count: int, seed: int, tokenizer=None, split: str = "report") -> list[Example]:
         ids = haystack_ids(data, tokenizer, split)
         out = []
         for i in range(count):
-            rng = _rng(seed, split, i)
             length = self.lengths[i % len(self.lengths)]
-            keys = rng.sample(KEYS, self.needles)
-            numbers = [str(rng.randrange(1_000_000, 10_000_000)) for _ in keys]
-            depths = [rng.uniform(0.05, 0.95) for _ in keys]
-            text, where = _insert(stretch(tokenizer, ids, length, i), [
-                (d, f"The special magic number for {k} is {n}.") for d, k, n in zip(depths, keys, numbers)])
-            target = rng.randrange(self.needles)
-            out.append(Example(
-                self.name, f"{self.name}-{length}-{i}", "Read the text below and answer the question about it.",
-                [text], f"What is the special magic number for {keys[target]} mentioned in the text? "
-                        "Answer with the number only.",
-                [numbers[target]], {"length": length, "depth": round(where[target], 3), "needles": self.needles}))
+            out.append(self.example(_rng(seed, split, i), stretch(tokenizer, ids, length, i), f"{length}-{i}",
+                                    {"length": length}))
         return out
+
+    def example(self, rng: random.Random, text: str, ident: str, meta: dict) -> Example:
+        """One example: facts drawn from ``rng`` put into the haystack ``text``."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class MultiKeyNeedle(_InHaystack):
+    lengths: tuple[int, ...] = (1024, 2048)
+    needles: int = 4
+    max_new_tokens: int = 32
+    name: str = "niah-multikey"
+
+    def example(self, rng: random.Random, text: str, ident: str, meta: dict) -> Example:
+        keys = rng.sample(KEYS, self.needles)
+        numbers = [str(rng.randrange(1_000_000, 10_000_000)) for _ in keys]
+        depths = [rng.uniform(0.05, 0.95) for _ in keys]
+        text, where = _insert(text, [(d, f"The special magic number for {k} is {n}.")
+                                     for d, k, n in zip(depths, keys, numbers)])
+        target = rng.randrange(self.needles)
+        return Example(
+            self.name, f"{self.name}-{ident}", "Read the text below and answer the question about it.",
+            [text], f"What is the special magic number for {keys[target]} mentioned in the text? "
+                    "Answer with the number only.",
+            [numbers[target]], {**meta, "depth": round(where[target], 3), "needles": self.needles})
 
     @staticmethod
     def score(prediction: str, example: Example) -> float:
@@ -80,38 +94,32 @@ class MultiKeyNeedle:
 
 
 @dataclass(frozen=True)
-class VariableTracking:
+class VariableTracking(_InHaystack):
     lengths: tuple[int, ...] = (1024, 2048)
     hops: int = 3
     max_new_tokens: int = 24
     name: str = "variable-tracking"
 
-    def examples(self, data: Path, count: int, seed: int, tokenizer=None, split: str = "report") -> list[Example]:
-        ids = haystack_ids(data, tokenizer, split)
-        out = []
-        for i in range(count):
-            rng = _rng(seed, split, i)
-            length = self.lengths[i % len(self.lengths)]
-            names: list[str] = []
-            while len(names) < 2 * (self.hops + 1):
-                name = "".join(rng.choices(string.ascii_uppercase, k=5))
-                if name not in names:
-                    names.append(name)
-            chain, decoy = names[: self.hops + 1], names[self.hops + 1:]
-            value, other = rng.sample(range(10_000, 100_000), 2)
-            placed = []
-            for links, number in ((chain, value), (decoy, other)):  # the decoy chain holds another value
-                statements = [f"VAR {links[0]} = {number}."] + [f"VAR {b} = VAR {a}." for a, b in pairwise(links)]
-                depths = sorted(rng.uniform(0.05, 0.95) for _ in statements)  # assigned before it is copied
-                placed += list(zip(depths, statements))
-            text, _ = _insert(stretch(tokenizer, ids, length, i), placed)
-            out.append(Example(
-                self.name, f"{self.name}-{length}-{i}",
-                "Memorize the variable assignments in the text below and answer the question about them.",
-                [text], f"Which variables are assigned the value {value}, directly or through other variables? "
-                        "Answer with the variable names only.",
-                chain, {"length": length, "hops": self.hops}))
-        return out
+    def example(self, rng: random.Random, text: str, ident: str, meta: dict) -> Example:
+        names: list[str] = []
+        while len(names) < 2 * (self.hops + 1):
+            name = "".join(rng.choices(string.ascii_uppercase, k=5))
+            if name not in names:
+                names.append(name)
+        chain, decoy = names[: self.hops + 1], names[self.hops + 1:]
+        value, other = rng.sample(range(10_000, 100_000), 2)
+        placed = []
+        for links, number in ((chain, value), (decoy, other)):  # the decoy chain holds another value
+            statements = [f"VAR {links[0]} = {number}."] + [f"VAR {b} = VAR {a}." for a, b in pairwise(links)]
+            depths = sorted(rng.uniform(0.05, 0.95) for _ in statements)  # assigned before it is copied
+            placed += list(zip(depths, statements))
+        text, _ = _insert(text, placed)
+        return Example(
+            self.name, f"{self.name}-{ident}",
+            "Memorize the variable assignments in the text below and answer the question about them.",
+            [text], f"Which variables are assigned the value {value}, directly or through other variables? "
+                    "Answer with the variable names only.",
+            chain, {**meta, "hops": self.hops})
 
     @staticmethod
     def score(prediction: str, example: Example) -> float:
