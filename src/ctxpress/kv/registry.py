@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..errors import InputError
 from ..options import build
 from .presses import H2O, KVPress, PyramidKV, SnapKV, StreamingLLM
+from .quantized import QuantizedKV
 from .spindle import SpindleKV
 
 PRESSES: dict[str, type[KVPress]] = {
@@ -14,6 +15,7 @@ PRESSES: dict[str, type[KVPress]] = {
     "snapkv": SnapKV,
     "pyramidkv": PyramidKV,
     "spindlekv": SpindleKV,
+    "quantized": QuantizedKV,
 }
 
 DEFAULT_RATIO = 0.2  # what the command line and the server use when a press needs a budget and none is given

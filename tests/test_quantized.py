@@ -1,0 +1,71 @@
+"""The quantized KV cache: exact bytes, reconstruction within half a step, decoding through the tail."""
+
+import pytest
+import torch
+
+from ctxpress.compat import with_cache
+from ctxpress.errors import InputError
+from ctxpress.kv import PRESSES, QuantizedKV, build_press, press_with_budget
+from ctxpress.kv.quantized import Quantized, QuantizedStore, _pack, _unpack, quantized_nbytes
+
+from conftest import N, compressed, greedy, reference_layers
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_codes_pack_and_reconstruct_within_half_a_step(bits):
+    torch.manual_seed(0)
+    codes = torch.randint(0, 2**bits, (3, 5, 16), dtype=torch.uint8)
+    assert torch.equal(_unpack(_pack(codes, bits), bits), codes)
+    assert _pack(codes, bits).shape[-1] == 16 * bits // 8
+    x = torch.randn(2, 3, 40, 16) * 3
+    for dim in (-1, -2):
+        q = Quantized.of(x, bits, dim)
+        err = (q.values(bits, x.dtype) - x).abs()
+        step = q.step.float().expand_as(x)
+        assert bool((err <= step / 2 + 1e-2 * x.abs().amax()).all())  # half a step, plus float16 stats
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_store_counts_its_bytes_and_decodes_through_the_tail(tiny_lm, prompt, bits):
+    cache = compressed(tiny_lm.model, QuantizedKV(bits=bits, group=32), prompt)
+    dense, _ = reference_layers(tiny_lm.model, prompt)
+    b, h, n, d = dense[0][0].shape
+    for layer, (keys, values) in zip(cache.layers, dense):
+        store = layer.store
+        assert isinstance(store, QuantizedStore) and len(store) == N
+        assert store.nbytes() == quantized_nbytes(b, h, n, d, bits, 32)
+        for got, want in zip(store.materialize(), (keys, values)):  # within a step of the group's range
+            assert float((got - want).abs().amax()) <= 2 * float(want.abs().amax()) / (2**bits - 1) + 1e-3
+    assert cache.nbytes() < (bits / 32 + 0.05) * cache.dense_nbytes()
+    with torch.no_grad():  # 40 more tokens: one group of 32 quantized, 8 waiting dense
+        for t in range(40):
+            tiny_lm.model(prompt[:, t : t + 1], **with_cache(tiny_lm.model, cache))
+    store = cache.layers[0].store
+    assert len(store) == N + 40 and store.tail_keys.shape[-2] == 8
+    assert len(store.key_blocks) == -(-N // 32) + 1
+
+
+def test_eight_bits_answer_like_the_full_cache(tiny_lm, prompt):
+    plain = greedy(tiny_lm.model, prompt)
+    out = greedy(tiny_lm.model, prompt, **with_cache(tiny_lm.model, QuantizedKV(bits=8).cache(tiny_lm.model)))
+    assert torch.equal(out, plain)
+    with QuantizedKV(bits=8)(tiny_lm.model):
+        assert torch.equal(greedy(tiny_lm.model, prompt), plain)
+
+
+def test_a_ratio_picks_the_most_bits_that_fit(tiny_lm, prompt):
+    for ratio, bits in ((0.5, 8), (0.2, 4), (0.12, 2)):  # head dimension 16 here: the stats weigh more
+        cache = compressed(tiny_lm.model, QuantizedKV(ratio=ratio), prompt)
+        assert cache.layers[0].store.bits == bits
+        assert cache.nbytes() <= ratio * cache.dense_nbytes()
+    with pytest.raises(InputError, match="smallest quantized"):
+        compressed(tiny_lm.model, QuantizedKV(ratio=0.05), prompt)
+
+
+def test_options_and_budgets():
+    assert "quantized" in PRESSES and press_with_budget("quantized").ratio is not None  # default ratio
+    assert press_with_budget("quantized", options={"bits": 4}).ratio is None
+    for options, match in (({"bits": 3}, "bits must be one of"), ({"bits": 8, "ratio": 0.3}, "with bits given"),
+                           ({"tokens": 10}, "not tokens"), ({"ratio": 0.3, "group": 0}, "group")):
+        with pytest.raises(InputError, match=match):
+            build_press("quantized", **options)
