@@ -242,7 +242,8 @@ def test_profile_restricted_to_methods():
     with pytest.raises(InputError, match="no method snapkv"):
         profile("prompt").only(["snapkv"])
     kv = profile("kv")
-    assert len(kv.configs()) == 1 + 5 * 3 * 2 and sum(count for _, count in kv.tasks.values()) >= 160
+    assert len(kv.configs()) == 1 + 6 * 3 * 2 and "quantized" in kv.kv_methods
+    assert sum(count for _, count in kv.tasks.values()) >= 160
 
 
 def test_generated_tasks_hold_their_facts(data_dir, tokenizer):
