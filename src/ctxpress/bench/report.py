@@ -139,23 +139,25 @@ def pairwise_tables(comparisons_: list[dict], task: str, measure: str) -> str:
 
 
 def overview(summary: list[dict]) -> str:
-    """One row per configuration across tasks: each task's score, then NLL, KL and kept fraction averaged."""
+    """One row per configuration across tasks: each task's score, then NLL, survival, KL and kept fraction
+    averaged over tasks."""
     tasks = list(dict.fromkeys(s["task"] for s in summary))
     by_config: dict[str, dict[str, dict]] = defaultdict(dict)
     for s in summary:
         by_config[s["config"]][s["task"]] = s
 
     def mean(entries: list[dict], measure: str) -> float | None:
-        values = [e[measure] for e in entries if e[measure] is not None]
+        values = [e[measure] for e in entries if e.get(measure) is not None]  # older runs lack survival
         return statistics.fmean(values) if values else None
 
-    out = ["| configuration | " + " | ".join(f"{t} score" for t in tasks) + " | gold NLL | KL vs full | kept |",
-           "|---|" + "---:|" * (len(tasks) + 3)]
+    out = ["| configuration | " + " | ".join(f"{t} score" for t in tasks)
+           + " | gold NLL | answer survival | KL vs full | kept |",
+           "|---|" + "---:|" * (len(tasks) + 4)]
     for config, entries in by_config.items():
         scores = " | ".join(_fmt(entries[t]["score"], 2) if t in entries else "-" for t in tasks)
         rows = list(entries.values())
-        out.append(f"| {config} | {scores} | {_fmt(mean(rows, 'nll'))} | {_fmt(mean(rows, 'kl'))} "
-                   f"| {_fmt(mean(rows, 'kept'), 2)} |")
+        out.append(f"| {config} | {scores} | {_fmt(mean(rows, 'nll'))} | {_fmt(mean(rows, 'survival'), 2)} "
+                   f"| {_fmt(mean(rows, 'kl'))} | {_fmt(mean(rows, 'kept'), 2)} |")
     return "\n".join(out) + "\n"
 
 
