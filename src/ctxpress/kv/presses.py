@@ -8,7 +8,7 @@ runs the prefill, collects the scores layer by layer, then calls
 interface. Two ways to use any press::
 
     cache = SnapKV(ratio=0.2).cache(model)            # explicit cache
-    model.generate(ids, cache=cache, ...)              # past_key_values= before transformers 5.2x
+    model.generate(ids, cache=cache, ...)              # past_key_values= on older 5.x releases
 
     with SnapKV(ratio=0.2)(model):                     # context manager
         model.generate(ids, ...)
