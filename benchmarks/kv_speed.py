@@ -52,12 +52,14 @@ def _context(lm, data: Path, tokens: int) -> str:
 
 
 def press(method: str, ratio: float):
-    """The press a method spec names (``NAME[:KEY=VALUE...]``), at ``ratio`` unless it is ``full``."""
-    from ctxpress.kv import press_with_budget
+    """The press a method spec names (``NAME[:KEY=VALUE...]``), at ``ratio`` where it takes a budget."""
+    from ctxpress.kv import PRESSES, press_with_budget
     from ctxpress.options import parse_options
 
     name, *options = method.split(":")
-    return press_with_budget(name, None if name == "full" else ratio, None, parse_options(options))
+    options = parse_options(options)
+    takes = name in PRESSES and PRESSES[name].takes_budget(options)  # an unknown name fails in press_with_budget
+    return press_with_budget(name, ratio if takes else None, None, options)
 
 
 def run_one(method: str, ratio: float, tokens: int, data: Path) -> dict:

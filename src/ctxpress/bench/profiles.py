@@ -16,7 +16,7 @@ from .synthetic import MultiKeyNeedle
 from .tasks import NQ, KVRetrieval, NeedleInHaystack
 
 PROMPT_METHODS = tuple(METHODS)
-KV_METHODS = tuple(m for m in PRESSES if m != "full")
+KV_METHODS = tuple(name for name, press in PRESSES.items() if press.takes_budget({}))  # all that compress
 KV_SETTINGS = ("agnostic", "aware")  # the question is read after compression / is part of the compressed prefill
 
 

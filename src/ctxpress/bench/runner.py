@@ -21,7 +21,7 @@ import torch
 from ..chat import prompt_ids
 from ..errors import InputError
 from ..jsonl import complete_lines, read_records
-from ..kv import build_press
+from ..kv import build_press, press_with_budget
 from ..kv.generation import CompressedContext
 from ..memory import PeakMemory
 from ..models import LoadedModel
@@ -104,8 +104,7 @@ class Runner:
                 prefix, asked = whole[:, :cut], whole[:, cut : context_ids.shape[1] + question_ids.shape[1]]
                 forced, answer_rows = whole[:, cut:], slice(asked.shape[1], None)
                 with self.lm.lock, PeakMemory(self.lm.device) as peak:
-                    press = build_press(config.kv_method, **({} if config.kv_method == "full"
-                                                             else {"ratio": config.kv_ratio}))
+                    press = press_with_budget(config.kv_method, config.kv_ratio)  # the reference has none
                     ctx = CompressedContext(self.lm, prefix, press)
                     new, speed = ctx.generate(asked, self.profile.max_new_tokens or task.max_new_tokens)
                     logits = ctx.next_token_logits(forced)[answer_rows]
