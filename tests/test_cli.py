@@ -63,7 +63,7 @@ def test_option_stages(capsys, doc, tiny_model_dir):
     assert code == 0, err
     result = json.loads(out)
     assert result["settings"]["stages"] == 2 and result["settings"]["stages_run"] == 2
-    assert result["method"] == "dac"
+    assert result["method"] == "dac-words"
     code, out, _ = run(capsys, "compress", doc, "--rate", "0.5", "--model", tiny_model_dir, "--json",
                        "--method", "llmlingua", "--option", "segment-tokens=20")
     assert code == 0 and json.loads(out)["settings"]["segment_tokens"] == 20
@@ -80,7 +80,7 @@ def test_help_lists_methods_with_their_options(capsys):
         for name, cls in METHODS.items():
             assert f"{name}: {cls.description()} (" in text
             assert all(f"{key}=" in text for key in option_names(cls))
-    assert "stages=auto, consecutive=true, alpha=0.8, fusion=additive" in text
+    assert "unit=token, stages=auto, consecutive=true, unit_score=mean, alpha=0.8, fusion=additive" in text
 
 
 def bad_inputs(tmp_path):
@@ -108,7 +108,8 @@ def bad_inputs(tmp_path):
         ("target", ["{doc}", "--target-tokens", "100000"], "more than"),
         ("method", ["{doc}", "--rate", "0.5", "--method", "zip"], "invalid choice"),
         ("option", ["{doc}", "--rate", "0.5", "--option", "bogus=1"],
-         "method 'dac' has no option bogus (it takes: stages, consecutive, alpha, fusion)"),
+         "method 'dac-words' has no option bogus (it takes: unit, stages, consecutive, unit_score, alpha, fusion, "
+         "attention_from)"),
         ("option 2", ["{doc}", "--rate", "0.5", "--method", "random", "--option", "alpha=0.5"], "no option alpha"),
         ("option type", ["{doc}", "--rate", "0.5", "--option", "stages=1.5"], "stages must be an integer"),
         ("option bool", ["{doc}", "--rate", "0.5", "--option", "consecutive=maybe"], "true or false"),

@@ -2,6 +2,7 @@
 
 import json
 import os
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +43,7 @@ def test_signals_match_reference_on_real_model(smollm, essay):
 
 def test_dac_on_real_text(smollm, essay):
     pc = PromptCompressor(smollm, progress=False)
-    result = pc.compress(essay, rate=0.5, question="What makes things addictive?",
+    result = pc.compress(essay, rate=0.5, question="What makes things addictive?", method="dac",
                          force_tokens=["[:newline:]"])
     assert abs(result.compressed_tokens - round(0.5 * result.origin_tokens)) <= 1
     assert result.settings["stages_run"] == min(max(1, result.origin_tokens // 100), 15)
@@ -54,6 +55,23 @@ def test_dac_on_real_text(smollm, essay):
     rand = pc.compress(essay, rate=0.5, method="random")
     kept_info = info[result.kept_token_indices[1:]].nanmean()
     assert kept_info > info[rand.kept_token_indices[1:]].nanmean()
+
+
+def test_default_keeps_words_whole(smollm, essay):
+    """The default compresses in whole words: every word of the output is a word of the input."""
+    pc = PromptCompressor(smollm, progress=False)
+    result = pc.compress(essay, rate=0.4)
+    assert result.method == "dac-words" and result.settings["unit"] == "word"
+    assert result.compressed_tokens <= round(0.4 * result.origin_tokens)
+    # Trailing punctuation marks are units of their own (one may follow a different word after
+    # compression), so words are compared without them: each kept word is a whole input word.
+    def bare(text: str) -> list[str]:
+        return [w.rstrip(string.punctuation) for w in text.split() if w.rstrip(string.punctuation)]
+
+    original = set(bare(essay))
+    assert [w for w in bare(result.compressed_text) if w not in original] == []
+    token_level = pc.compress(essay, rate=0.4, method="dac-static")
+    assert [w for w in bare(token_level.compressed_text) if w not in original]  # the check can fail: tokens glue
 
 
 def test_cli_default_model_json(tmp_path):

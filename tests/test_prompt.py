@@ -104,8 +104,9 @@ def test_consecutive_rule_within_a_stage(pc, text):
 
 def test_stage_count(pc, text):
     n = len(context_ids(pc, text))
-    assert pc.compress(text, rate=0.5).settings["stages_run"] == min(max(1, n // 100), 15)
-    assert pc.compress(text, rate=0.5, stages=4).settings["stages_run"] == 4
+    assert pc.compress(text, rate=0.5, method="dac").settings["stages_run"] == min(max(1, n // 100), 15)
+    assert pc.compress(text, rate=0.5, method="dac", stages=4).settings["stages_run"] == 4
+    assert pc.compress(text, rate=0.5).settings["stages_run"] == 1  # the default is one pass
     assert pc.compress(text, rate=0.5, method="dac-static").settings["stages_run"] == 1
 
 
@@ -246,15 +247,16 @@ def test_multiplicative_fusion(pc, text):
 
 # Each method's options, in order, with their defaults: exactly the fields of its class, and the
 # keys of its settings (DAC's "auto" stages are None).
-FUSED = ("stages", "consecutive", "alpha", "fusion")
+FUSED = ("unit", "stages", "consecutive", "unit_score", "alpha", "fusion", "attention_from")
 DEFAULTS = {
-    "dac": dict(zip(FUSED, (None, True, 0.8, "additive"))),
-    "dac-static": dict(zip(FUSED, (1, False, 0.8, "additive"))),
-    "entropy": dict(zip(FUSED, (1, False, 0.0, "additive"))),
-    "entropy-dynamic": dict(zip(FUSED, (None, True, 0.0, "additive"))),
-    "attention": dict(zip(FUSED, (1, False, 1.0, "additive"))),
-    "random": {"stages": 1, "consecutive": False, "seed": 0},
-    "llmlingua": {"segment_tokens": 100},
+    "dac-words": dict(zip(FUSED, ("word", 1, False, "mean", 0.8, "additive", "all"))),
+    "dac": dict(zip(FUSED, ("token", None, True, "mean", 0.8, "additive", "all"))),
+    "dac-static": dict(zip(FUSED, ("token", 1, False, "mean", 0.8, "additive", "all"))),
+    "entropy": dict(zip(FUSED, ("token", 1, False, "mean", 0.0, "additive", "all"))),
+    "entropy-dynamic": dict(zip(FUSED, ("token", None, True, "mean", 0.0, "additive", "all"))),
+    "attention": dict(zip(FUSED, ("token", 1, False, "mean", 1.0, "additive", "all"))),
+    "random": {"unit": "token", "stages": 1, "consecutive": False, "unit_score": "mean", "seed": 0},
+    "llmlingua": {"unit": "token", "segment_tokens": 100},
 }
 
 

@@ -167,7 +167,7 @@ def test_compress_endpoint_options(base_url, tiny_lm):
     body = {"context": TEXT, "rate": 0.5, "options": {"stages": 2, "consecutive": False}}
     got = httpx.post(f"{base_url}/v1/compress", json=body, timeout=60).json()
     want = PromptCompressor(tiny_lm, progress=False).compress(TEXT, rate=0.5, stages=2, consecutive=False)
-    assert got["method"] == "dac" and got["settings"]["stages_run"] == 2
+    assert got["method"] == "dac-words" and got["settings"]["stages_run"] == 2
     assert got["kept_token_indices"] == want.kept_token_indices
 
 

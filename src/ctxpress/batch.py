@@ -24,6 +24,7 @@ from pathlib import Path
 from .errors import CtxpressError, InputError
 from .jsonl import complete_lines
 from .progress import progress_bar
+from .prompt.methods import DEFAULT_METHOD
 
 CHUNK_LINES = 2048  # lines queued for the Ray actors at a time
 
@@ -35,7 +36,7 @@ class BatchJob:
     field: str
     rate: float | None = None
     target_tokens: int | None = None
-    method: str = "dac"
+    method: str = DEFAULT_METHOD
     options: dict = field(default_factory=dict)
     model: str = "smollm2-135m"
     device: str | None = None

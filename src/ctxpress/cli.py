@@ -9,14 +9,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 
 from . import __version__
 from .errors import CtxpressError, InputError
+from .guard import API_KEY_ENV, DEFAULT_MAX_QUEUE
 from .models import DEFAULT_MODEL, EMBEDDED_MODELS
 from .options import option_names, parse_options
-from .prompt.methods import METHODS
+from .prompt.methods import DEFAULT_METHOD, METHODS
 
 EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -64,10 +67,23 @@ def _number(cast: type, valid: Callable[[float], bool], rule: str) -> Callable[[
 
 _rate = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
 _positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+_non_negative_int = _number(int, lambda v: v >= 0, "an integer of 0 or more")
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Help text wrapped at spaces only, so method names such as ``entropy-dynamic`` stay whole."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        text = " ".join(text.split())
+        return textwrap.fill(text, width, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False)
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (the usage text is one ``--help`` away)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -106,15 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     methods_help = "; ".join(f"{name}: {cls.description()} ({_defaults(cls)})" for name, cls in METHODS.items())
     c = sub.add_parser(
-        "compress", help="compress a prompt (DAC by default)",
+        "compress", help=f"compress a prompt ({DEFAULT_METHOD} by default)",
         description="Compress the text of FILE (or standard input) and print the compressed prompt.",
         epilog=f"Methods: {methods_help}.")
     c.add_argument("file", nargs="?", metavar="FILE", help="UTF-8 text file, or - for standard input")
     budget = c.add_mutually_exclusive_group(required=True)
     budget.add_argument("--rate", type=_rate, help="fraction of context tokens to keep, in (0, 1]")
     budget.add_argument("--target-tokens", type=_positive_int, metavar="N", help="context tokens to keep")
-    c.add_argument("--method", default="dac", choices=list(METHODS), metavar="METHOD",
-                   help=f"one of {', '.join(METHODS)} (default: dac)")
+    c.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS), metavar="METHOD",
+                   help=f"one of {', '.join(METHODS)} (default: {DEFAULT_METHOD})")
     c.add_argument("--question", default="", metavar="Q", help="question, kept whole after the context")
     c.add_argument("--instruction", default="", metavar="I", help="instruction, kept whole before the context")
     c.add_argument("--force-token", action="append", default=[], metavar="T", dest="force_tokens",
@@ -168,8 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tasks", default=",".join(TASKS), metavar="LIST",
                    help=f"comma-separated subset of {', '.join(TASKS)}")
     b.add_argument("--examples", type=_positive_int, metavar="N", help="at most N examples per task (quick looks)")
-    b.add_argument("--methods", metavar="LIST", help="comma-separated subset of the profile's prompt and KV methods "
-                   "(the full-context reference always runs)")
+    b.add_argument("--methods", metavar="LIST",
+                   help="comma-separated subset of the profile's prompt and KV methods, each "
+                   "optionally with options (dac-static:unit=word:alpha=0.5); the full-context "
+                   "reference always runs")
     b.add_argument("--split", default="report", choices=SPLITS,
                    help="dev: the first half of each data file, for tuning; report (default): the second half")
     b.add_argument("--out", metavar="DIR", help="output directory (default: bench-out/PROFILE)")
@@ -190,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest request body accepted (default 4 MiB)")
     v.add_argument("--max-new-tokens", type=_positive_int, default=1024, metavar="N",
                    help="largest max_tokens a chat request may ask for (default 1024)")
+    v.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), metavar="KEY",
+                   help=f"require 'Authorization: Bearer KEY' on every path but /healthz (default: "
+                        f"${API_KEY_ENV}; prefer the variable, a flag's value is visible to other users)")
+    v.add_argument("--max-queue", type=_non_negative_int, default=DEFAULT_MAX_QUEUE, metavar="N",
+                   help=f"requests that may wait for the model behind the one served; more get 429 with "
+                        f"Retry-After (default {DEFAULT_MAX_QUEUE})")
     _add_model_options(v)
     v.set_defaults(handler=cmd_serve)
 
@@ -203,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     batch_budget = t.add_mutually_exclusive_group(required=True)
     batch_budget.add_argument("--rate", type=_rate, help="fraction of tokens to keep, in (0, 1]")
     batch_budget.add_argument("--target-tokens", type=_positive_int, metavar="N", help="tokens to keep")
-    t.add_argument("--method", default="dac", choices=list(METHODS), metavar="METHOD", help="default dac")
+    t.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS), metavar="METHOD",
+                   help=f"default {DEFAULT_METHOD}")
     _add_method_options(t)
     t.add_argument("--workers", type=_positive_int, default=1, help="processes (or Ray actors); default 1")
     t.add_argument("--engine", choices=["local", "ray"], default="local", help="default local")
@@ -294,8 +319,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .server import serve
     except ImportError as exc:
         raise CtxpressError(f"ctxpress serve needs {exc.name}: pip install 'ctxpress[serve]'") from None
+    if args.api_key is not None and not args.api_key.strip():
+        raise InputError(f"--api-key (or ${API_KEY_ENV}) is empty")
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
-    serve(lm, args.host, args.port, max_request_bytes=args.max_request_bytes, max_new_tokens=args.max_new_tokens)
+    serve(lm, args.host, args.port, max_request_bytes=args.max_request_bytes, max_new_tokens=args.max_new_tokens,
+          api_key=args.api_key, max_queue=args.max_queue)
     return 0
 
 

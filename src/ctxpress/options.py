@@ -105,4 +105,11 @@ def parse_options(items: Sequence[str]) -> dict:
     return options
 
 
-__all__ = ["INTERNAL", "Configurable", "build", "option_names", "parse_options"]
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """A method with options in one word, as ``bench --methods`` takes it:
+    ``"dac-static:unit=word:alpha=0.5"`` -> ``("dac-static", {"unit": "word", "alpha": 0.5})``."""
+    name, *items = spec.split(":")
+    return name.strip(), parse_options(items)
+
+
+__all__ = ["INTERNAL", "Configurable", "build", "option_names", "parse_options", "parse_spec"]

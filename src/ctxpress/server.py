@@ -11,8 +11,10 @@
 * ``GET /healthz``, ``GET /v1/models``; OpenAPI docs at ``/docs``.
 
 The model is loaded once; requests take turns on it (its lock), so
-concurrent clients queue instead of failing. Bodies are size-limited and
-every error is a JSON body with a 4xx (the client's fault) or 500 status.
+concurrent clients queue instead of failing, up to ``max_queue`` waiting
+(then 429 with ``Retry-After``). An API key can be required
+(:mod:`ctxpress.guard`). Bodies are size-limited and every error is a JSON
+body with a 4xx (the client's fault) or 500 status.
 """
 
 from __future__ import annotations
@@ -36,10 +38,11 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 from . import __version__
 from .chat import chat_ids
 from .errors import CtxpressError, InputError
+from .guard import DEFAULT_MAX_QUEUE, Admission, ApiKey
 from .kv import CompressedContext, KVPress, press_with_budget
 from .models import LoadedModel
 from .prompt import PromptCompressor
-from .prompt.methods import build_method
+from .prompt.methods import DEFAULT_METHOD, build_method
 
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
@@ -49,7 +52,7 @@ class CompressBody(BaseModel):
     context: str | list[str]
     rate: float | None = None
     target_tokens: int | None = None
-    method: str = "dac"
+    method: str = DEFAULT_METHOD
     question: str = ""
     instruction: str = ""
     force_tokens: list[str] = Field(default_factory=list)
@@ -73,7 +76,7 @@ class PromptCompression(BaseModel):
     model_config = ConfigDict(extra="forbid")
     rate: float | None = None
     target_tokens: int | None = None
-    method: str = "dac"
+    method: str = DEFAULT_METHOD
     min_tokens: int = Field(256, ge=1, description="only messages longer than this are compressed")
     options: dict[str, Any] = Field(default_factory=dict)
 
@@ -165,11 +168,21 @@ class ChatPlan:
 
 
 def create_app(lm: LoadedModel, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-               max_new_tokens: int = 1024) -> FastAPI:
-    """The HTTP application around one loaded model."""
+               max_new_tokens: int = 1024, api_key: str | None = None,
+               max_queue: int | None = DEFAULT_MAX_QUEUE) -> FastAPI:
+    """The HTTP application around one loaded model.
+
+    ``api_key``: required as ``Authorization: Bearer`` (None: open).
+    ``max_queue``: requests that may wait behind the one served (None: no bound).
+    """
     app = FastAPI(title="ctxpress", version=__version__,
                   description="Prompt compression (DAC) and KV-cache compression (SpindleKV) for LLM inference.")
+    # The last added runs first: the key is checked before a request takes a place in the queue.
     app.add_middleware(BodyLimit, limit=max_request_bytes)
+    if max_queue is not None:
+        app.add_middleware(Admission, max_queue=max_queue)
+    if api_key is not None:
+        app.add_middleware(ApiKey, key=api_key)
     compressor = PromptCompressor(lm, progress=False)
     tokenizer = lm.tokenizer
 

@@ -79,6 +79,7 @@ def token_signals(
     *,
     attention: bool = True,
     block_size: int = 128,
+    last_rows: Sequence[int] | None = None,
 ) -> list[TokenSignals]:
     """Signals for a batch of token sequences, from one forward pass.
 
@@ -86,14 +87,20 @@ def token_signals(
     the padding after it, so every sequence gets exactly the numbers it would
     get alone, and padded query rows are left out of the attention sums. With
     ``attention=False`` only self-information is computed (plain SDPA pass).
+    ``last_rows``: per sequence, count only the attention paid by its last
+    that many query rows (a question after the context); None: all rows.
     """
     device = next(model.parameters()).device
     ids, lengths = pad_right(sequences)
     ids = ids.to(device)
     base = model.base_model
     if attention:
-        row_mask = torch.arange(ids.shape[1])[None, :] < lengths[:, None]
-        probe = ColumnSumProbe(row_mask.to(device) if len(sequences) > 1 else None, block_size)
+        rows = torch.arange(ids.shape[1])[None, :]
+        row_mask = rows < lengths[:, None]
+        if last_rows is not None:
+            row_mask &= rows >= (lengths - torch.tensor(list(last_rows)))[:, None]
+        masked = len(sequences) > 1 or last_rows is not None
+        probe = ColumnSumProbe(row_mask.to(device) if masked else None, block_size)
         with probing(model, probe):
             hidden = base(input_ids=ids, use_cache=False).last_hidden_state
         attn = probe.totals / probe.matrices
@@ -132,12 +139,14 @@ def batched_signals(
     attention: bool = True,
     batch_tokens: int = 4096,
     on_batch=None,
+    last_rows: Sequence[int] | None = None,
 ) -> list[TokenSignals]:
     """:func:`token_signals` over many sequences, in length-sorted batches.
 
     Sequences of similar length are grouped so that a batch holds at most
     ``batch_tokens`` tokens including padding (a longer sequence runs alone).
-    ``on_batch(tokens)`` is called after each batch, for progress bars.
+    ``on_batch(tokens)`` is called after each batch, for progress bars;
+    ``last_rows`` is passed on (per sequence) as in :func:`token_signals`.
     """
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     results: list[TokenSignals | None] = [None] * len(sequences)
@@ -146,7 +155,9 @@ def batched_signals(
     def flush() -> None:
         if not batch:
             return
-        for i, sig in zip(batch, token_signals(model, [sequences[i] for i in batch], attention=attention)):
+        rows = None if last_rows is None else [last_rows[i] for i in batch]
+        for i, sig in zip(batch, token_signals(model, [sequences[i] for i in batch], attention=attention,
+                                               last_rows=rows)):
             results[i] = sig
         if on_batch is not None:
             on_batch(sum(len(sequences[i]) for i in batch))

@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from ..errors import InputError
-from ..kv import PRESSES
-from ..prompt.methods import METHODS
+from ..kv import PRESSES, press_with_budget
+from ..options import parse_spec
+from ..prompt.methods import METHODS, build_method
 from .synthetic import MultiKeyNeedle
 from .tasks import NQ, KVRetrieval, NeedleInHaystack
 
@@ -86,15 +87,23 @@ class Profile:
         return grid + [c for c in self.combos if c not in grid]
 
     def only(self, methods: list[str]) -> Profile:
-        """This grid restricted to ``methods`` (prompt or KV method names; the full reference always
-        runs, so ``["full"]`` is the reference alone)."""
+        """This grid restricted to ``methods``: names of the profile's prompt or KV methods, or
+        variants of them with options (``dac-static:unit=word:alpha=0.5``, checked here, before any
+        model loads). The full reference always runs, so ``["full"]`` is the reference alone."""
         known = set(self.prompt_methods) | set(self.kv_methods) | {"full"}
-        unknown = [m for m in methods if m not in known]
-        if unknown:
-            raise InputError(f"profile {self.name} has no method {', '.join(unknown)} "
-                             f"(choose from: {', '.join(sorted(known))})")
-        return replace(self, prompt_methods=tuple(m for m in self.prompt_methods if m in methods),
-                       kv_methods=tuple(m for m in self.kv_methods if m in methods),
+        prompt, kv = [], []
+        for spec in methods:
+            name, options = parse_spec(spec)
+            if name not in known:
+                raise InputError(f"profile {self.name} has no method {name} "
+                                 f"(choose from: {', '.join(sorted(known))})")
+            if name in self.prompt_methods:
+                build_method(name, **options)
+                prompt.append(spec)
+            elif name in self.kv_methods:
+                press_with_budget(name, self.kv_ratios[0], options=options)
+                kv.append(spec)
+        return replace(self, prompt_methods=tuple(prompt), kv_methods=tuple(kv),
                        combos=tuple(c for c in self.combos
                                     if c.prompt_method in methods and c.kv_method in methods))
 

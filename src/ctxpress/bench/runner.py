@@ -25,6 +25,7 @@ from ..kv import build_press, press_with_budget
 from ..kv.generation import CompressedContext
 from ..memory import PeakMemory
 from ..models import LoadedModel
+from ..options import parse_spec
 from ..progress import progress_bar
 from ..prompt import PromptCompressor
 from .metrics import mean_kl, mean_nll
@@ -104,7 +105,8 @@ class Runner:
                 prefix, asked = whole[:, :cut], whole[:, cut : context_ids.shape[1] + question_ids.shape[1]]
                 forced, answer_rows = whole[:, cut:], slice(asked.shape[1], None)
                 with self.lm.lock, PeakMemory(self.lm.device) as peak:
-                    press = press_with_budget(config.kv_method, config.kv_ratio)  # the reference has none
+                    kv_name, kv_options = parse_spec(config.kv_method)
+                    press = press_with_budget(kv_name, config.kv_ratio, options=kv_options)  # the reference: none
                     ctx = CompressedContext(self.lm, prefix, press)
                     new, speed = ctx.generate(asked, self.profile.max_new_tokens or task.max_new_tokens)
                     logits = ctx.next_token_logits(forced)[answer_rows]
@@ -140,7 +142,8 @@ class Runner:
             return {"context": example.context,
                     "stats": {"context_tokens": n, "kept_tokens": n, "token_rate": 1.0, "prompt_seconds": 0.0}}
         start = time.perf_counter()
-        result = self.compressor.compress(example.documents, rate=rate, method=method,
+        name, options = parse_spec(method)
+        result = self.compressor.compress(example.documents, rate=rate, method=name, **options,
                                           instruction=example.instruction, question=example.question)
         return {"context": result.compressed_text,
                 "stats": {"context_tokens": result.origin_tokens, "kept_tokens": result.compressed_tokens,

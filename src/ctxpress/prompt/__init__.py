@@ -1,7 +1,7 @@
-"""Prompt compression: DAC and the baselines it is compared with."""
+"""Prompt compression: DAC, its whole-word default, and the baselines they are compared with."""
 
 from .compressor import PromptCompressor
-from .methods import METHODS, method_names
+from .methods import DEFAULT_METHOD, METHODS, method_names
 from .result import CompressionResult
 
-__all__ = ["METHODS", "CompressionResult", "PromptCompressor", "method_names"]
+__all__ = ["DEFAULT_METHOD", "METHODS", "CompressionResult", "PromptCompressor", "method_names"]

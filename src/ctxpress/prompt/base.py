@@ -5,23 +5,35 @@ from __future__ import annotations
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
+from ..errors import InputError
 from ..options import Configurable
 from .job import Job
+from .tokens import UNITS
 
 
+@dataclass(frozen=True)
 class Method(Configurable, ABC):
     """Base of the prompt compression methods.
 
     A method is a frozen dataclass whose fields are its options (see
     :mod:`ctxpress.options`); ``name`` is its registry name and the first line
-    of its docstring is its one-line description.
+    of its docstring is its one-line description. ``unit`` is what it keeps
+    or drops: single tokens (the papers' granularity; a multi-byte character
+    stays whole) or whole words (see :func:`ctxpress.prompt.tokens.word_starts`).
     """
 
     name: ClassVar[str] = "method"
+
+    unit: str = "token"
+
+    def validate(self) -> None:
+        if self.unit not in UNITS:
+            raise InputError(f"{self.name}: unit must be one of {', '.join(UNITS)}, got {self.unit!r}")
 
     @classmethod
     def description(cls) -> str:

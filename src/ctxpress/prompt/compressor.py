@@ -10,7 +10,7 @@ import torch
 from ..errors import InputError
 from ..models import DEFAULT_MODEL, LoadedModel, load_model
 from .job import Job
-from .methods import Method, build_method
+from .methods import DEFAULT_METHOD, Method, build_method
 from .result import CompressionResult
 from .selection import resolve_target
 from .tokens import bos_prefix, decode, encode_plain, tokenize_context
@@ -33,7 +33,7 @@ def _context_text(context: Context) -> str:
 
 
 class PromptCompressor:
-    """Compress prompts with a small local causal LM (DAC by default).
+    """Compress prompts with a small local causal LM (``dac-words`` by default).
 
     >>> pc = PromptCompressor()            # the embedded SmolLM2-135M
     >>> r = pc.compress(text, rate=0.5)    # or target_tokens=...
@@ -76,7 +76,7 @@ class PromptCompressor:
         *,
         rate: float | None = None,
         target_tokens: int | None = None,
-        method: str | Method = "dac",
+        method: str | Method = DEFAULT_METHOD,
         instruction: str = "",
         question: str = "",
         force_tokens: Sequence[str] = (),
@@ -86,8 +86,9 @@ class PromptCompressor:
 
         Exactly one of ``rate`` (fraction of context tokens kept, in (0, 1]) or
         ``target_tokens`` is required; the result keeps exactly that many
-        context tokens (one more or less only when multi-byte characters leave
-        no exact choice). ``instruction`` and ``question`` are kept whole and
+        context tokens (a few fewer, never more, only when the units left are
+        all bigger than the rest of the quota: see :mod:`.selection`).
+        ``instruction`` and ``question`` are kept whole and
         surround the context in ``compressed_prompt``; ``force_tokens`` (literal
         strings or ``[:newline:]``, ``[:digit:]``, ``[:punct:]``) are never
         dropped. ``options`` override the method's defaults (its fields, see ``METHODS``).
@@ -103,7 +104,7 @@ class PromptCompressor:
         *,
         rate: float | None = None,
         target_tokens: int | None = None,
-        method: str | Method = "dac",
+        method: str | Method = DEFAULT_METHOD,
         instruction: str = "",
         question: str = "",
         force_tokens: Sequence[str] = (),
@@ -137,7 +138,7 @@ class PromptCompressor:
         suffix = encode_plain(tok, SEPARATOR + question if question else "")
         jobs = []
         for context in contexts:
-            ctx = tokenize_context(tok, _context_text(context), force_tokens)
+            ctx = tokenize_context(tok, _context_text(context), force_tokens, algorithm.unit)
             target = resolve_target(len(ctx), rate, target_tokens)
             jobs.append(Job(ctx, prefix, suffix, target, self.window_tokens))
         with self.lm.lock:
@@ -172,7 +173,7 @@ class PromptCompressor:
         rate: float = 0.5,
         target_token: int = -1,
         force_tokens: Sequence[str] = (),
-        method: str = "dac",
+        method: str = DEFAULT_METHOD,
         **options,
     ) -> dict:
         """LLMLingua-compatible call: same arguments, LLMLingua's result keys plus ours.

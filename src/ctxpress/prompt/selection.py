@@ -1,9 +1,10 @@
 """Budgets and the choice of which units to drop.
 
-The budget is exact: a request for ``k`` context tokens gets ``k`` (at most
-one more or less, only when multi-token characters make ``k`` itself
-unreachable). Staged methods spread the removal over stages whose targets are
-derived from the *original* length, so the last stage lands on ``k``.
+The budget is exact: a request for ``k`` context tokens gets ``k``, except
+when the units left to drop are all bigger than what remains to remove (a
+multi-token character, or a word under ``unit="word"``); then it gets a few
+fewer, never more. Staged methods spread the removal over stages whose
+targets are derived from the *original* length, so the last stage lands on ``k``.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ def select_drops(
     so the quota is still met). If the rule leaves the quota unmet (a stage
     asked to remove more than about half), the rest is taken by score alone.
     Units bigger than what remains are skipped; only if nothing else fits is
-    the quota missed by one token.
+    the smallest unit that overshoots dropped, so the result keeps fewer
+    tokens than asked (by one for a split character, by a few for a word),
+    never more.
     """
     count = len(scores)
     dropped = np.zeros(count, dtype=bool)
@@ -90,9 +93,29 @@ def select_drops(
     walk(consecutive)
     if remaining and consecutive:
         walk(False)
-    if remaining:  # only multi-token units are left: overshoot by one if that helps
-        for u in order:
-            if not dropped[u] and sizes[u] == remaining + 1:
-                dropped[u] = True
-                break
+    if remaining:  # only units bigger than the rest are left
+        _settle(order, sizes, dropped, remaining)
     return dropped
+
+
+def _settle(order: np.ndarray, sizes: np.ndarray, dropped: np.ndarray, remaining: int) -> None:
+    """Finish a quota that the greedy walk left ``remaining`` tokens short of.
+
+    Exactly, if one more drop ``u`` and one restored unit ``v`` (``size[u] -
+    size[v] == remaining``) make it: the lowest-scored such ``u``, the
+    highest-scored such ``v``. Otherwise drop the smallest unit left (lowest
+    score first), keeping a few tokens fewer than asked rather than more.
+    """
+    left = [u for u in order if not dropped[u]]
+    if not left:
+        return
+    taken = {}  # size -> highest-scored dropped unit of that size
+    for v in order:
+        if dropped[v]:
+            taken[int(sizes[v])] = v
+    for u in left:
+        v = taken.get(int(sizes[u]) - remaining)
+        if v is not None:
+            dropped[u], dropped[v] = True, False
+            return
+    dropped[min(left, key=lambda u: sizes[u])] = True

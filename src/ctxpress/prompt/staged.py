@@ -25,6 +25,8 @@ from .base import Method
 from .job import Job
 from .selection import auto_stages, select_drops, stage_targets
 
+UNIT_SCORES = ("mean", "max")
+
 
 @dataclass(frozen=True)
 class StagedMethod(Method):
@@ -33,10 +35,13 @@ class StagedMethod(Method):
     ``stages``: how many rounds of scoring and dropping (None: DAC's automatic
     count, one per hundred context tokens, 1 to 15). ``consecutive``: within a
     stage, never drop two neighbouring units unless the stage's quota needs it.
+    ``unit_score``: how a multi-token unit's score comes from its tokens'
+    (``mean`` or ``max``).
     """
 
     stages: int | None = None
     consecutive: bool = True
+    unit_score: str = "mean"
     # How signals are computed; swappable so benchmarks can time the
     # output_attentions reference inside the very same method.
     signal_fn: Callable[..., list] = field(default=batched_signals, metadata=INTERNAL, repr=False, compare=False)
@@ -48,12 +53,20 @@ class StagedMethod(Method):
         super().validate()
         if self.stages is not None and self.stages < 1:
             raise InputError(f"{self.name}: stages must be a positive integer, got {self.stages!r}")
+        if self.unit_score not in UNIT_SCORES:
+            raise InputError(f"{self.name}: unit_score must be one of {', '.join(UNIT_SCORES)}, "
+                             f"got {self.unit_score!r}")
 
     @abstractmethod
     def score(self, info: torch.Tensor, attention: torch.Tensor | None) -> torch.Tensor:
         """Scores (higher = keep) of the candidate tokens of one window, from their
         self-information and received attention (None unless ``needs_attention``;
         zeros for ``info`` unless ``needs_signals``)."""
+
+    def query_rows(self, job: Job) -> int | None:
+        """How many final rows of each scored sequence (the question) pay the attention that
+        counts; None: every row. Question-aware scoring overrides this."""
+        return None
 
     def settings(self) -> dict:
         """The options, all of them, ``stages`` None shown as "auto" (as in results files)."""
@@ -80,8 +93,10 @@ class StagedMethod(Method):
         windows = [(job, w) for job, _ in active for w in range(len(job.windows))]
         seqs = [job.sequence(w) for job, w in windows]
         if self.needs_signals:
+            rows = [self.query_rows(job) for job, _ in windows]
+            only = {} if all(r is None for r in rows) else {"last_rows": rows}
             signals = self.signal_fn(model, seqs, attention=self.needs_attention,
-                                     batch_tokens=batch_tokens, on_batch=bar.update)
+                                     batch_tokens=batch_tokens, on_batch=bar.update, **only)
         else:
             signals = [None] * len(seqs)
         unit_scores: dict[int, list[np.ndarray]] = {id(job): [] for job, _ in active}
@@ -112,5 +127,9 @@ class StagedMethod(Method):
                 info = sig.self_information[ctx][cand]
                 attn = None if sig.attention is None else sig.attention[ctx][cand]
             token_scores[cand] = self.score(info, attn).float()
+        if not len(units):
+            return np.zeros(0)
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        return np.add.reduceat(token_scores.numpy(), starts) / sizes if len(units) else np.zeros(0)
+        if self.unit_score == "max":
+            return np.maximum.reduceat(token_scores.numpy(), starts)
+        return np.add.reduceat(token_scores.numpy(), starts) / sizes

@@ -1,11 +1,16 @@
 """Turning a compression request into token ids, atomic units and protections.
 
-A compressor may only keep or drop whole *units*: runs of tokens that together
-spell whole characters. Byte-level BPE splits a multi-byte character (CJK,
-emoji) over several tokens; dropping one of them would leave a broken
-character in the output. Units come from the tokenizer's character offsets
-(tokens whose spans overlap belong together) or, for tokenizers without
-offsets, from decoding.
+A compressor may only keep or drop whole *units*. The smallest are runs of
+tokens that together spell whole characters: byte-level BPE splits a
+multi-byte character (CJK, emoji) over several tokens, and dropping one of
+them would leave a broken character in the output. They come from the
+tokenizer's character offsets (tokens whose spans overlap belong together)
+or, for tokenizers without offsets, from decoding.
+
+With ``unit="word"`` these character units are grouped further into words
+(:func:`word_starts`): a word with its leading whitespace, or one trailing
+punctuation mark. Dropping a token-level unit can glue its neighbours
+("small local" -> "smalllocal") or shred a number; dropping a word cannot.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+
+UNITS = ("token", "word")  # granularity of what a compressor keeps or drops
+MAX_WORD_TOKENS = 32  # longer "words" (hashes, base64) are cut, so budgets stay reachable
 
 # Character classes usable in ``force_tokens`` next to literal strings.
 FORCE_CLASSES = {
@@ -132,8 +140,57 @@ def _overlapping(spans: Sequence[tuple[int, int]], ranges: list[tuple[int, int]]
     return np.cumsum(marks[:-1]) > 0
 
 
-def tokenize_context(tokenizer, text: str, force: Sequence[str] = ()) -> TokenizedContext:
-    """Token ids, units and protection of a context string."""
+def _is_space(text: str) -> bool:
+    return text.isspace()
+
+
+def _is_punct(text: str) -> bool:
+    core = text.strip()
+    return bool(core) and all(unicodedata.category(ch)[0] in "PS" for ch in core)
+
+
+def _is_wide(text: str) -> bool:
+    """Scripts written without spaces (CJK) and emoji: each character is a word of its own."""
+    return any(unicodedata.east_asian_width(ch) in "WF" for ch in text)
+
+
+def word_starts(texts: Sequence[str], sizes: Sequence[int]) -> list[int]:
+    """Which character units (given their texts and token counts) begin a word unit.
+
+    A word is a run of non-space text with the whitespace before it (so
+    dropping a word never glues its neighbours), its leading punctuation
+    included ("(foo", "well-known", "1984" spelled digit by digit). Trailing
+    punctuation marks (",", ").") are units of their own, and so is every
+    character of a script without spaces. A word longer than
+    ``MAX_WORD_TOKENS`` tokens is cut, so that budgets stay reachable.
+    """
+    n = len(texts)
+    # trailing[u]: u is punctuation and only punctuation follows it before the next space or the end
+    trailing = [False] * n
+    for u in range(n - 1, -1, -1):
+        follows_break = u + 1 == n or texts[u + 1][:1].isspace() or trailing[u + 1]
+        trailing[u] = _is_punct(texts[u]) and not texts[u][:1].isspace() and follows_break
+    starts, length = [], 0
+    for u, (text, size) in enumerate(zip(texts, sizes)):
+        prev = texts[u - 1] if u else ""
+        if u == 0:
+            new = True
+        elif _is_space(prev):
+            new = False  # whitespace belongs to the word after it
+        else:
+            new = (text[:1].isspace() or prev[-1:].isspace() or trailing[u] or trailing[u - 1]
+                   or _is_wide(text) or _is_wide(prev) or length + size > MAX_WORD_TOKENS)
+        if new:
+            starts.append(u)
+            length = 0
+        length += size
+    return starts
+
+
+def tokenize_context(tokenizer, text: str, force: Sequence[str] = (), unit: str = "token") -> TokenizedContext:
+    """Token ids, units (``unit``: ``"token"`` or ``"word"``) and protection of a context string."""
+    if unit not in UNITS:
+        raise InputError(f"unit must be one of {', '.join(UNITS)}, got {unit!r}")
     try:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         offsets = enc["offset_mapping"]
@@ -145,6 +202,14 @@ def tokenize_context(tokenizer, text: str, force: Sequence[str] = ()) -> Tokeniz
         starts = unit_starts_from_decoding(tokenizer, enc["input_ids"])
         spans = None
     ids = torch.tensor(enc["input_ids"], dtype=torch.long)
+    if unit == "word" and starts:
+        bounds = [*starts, len(ids)]
+        texts = unit_texts(tokenizer, ids, torch.tensor(starts))
+        words = word_starts(texts, [b - a for a, b in pairwise(bounds)])
+        starts = [starts[w] for w in words]
+        if spans is not None:
+            ends = [spans[w - 1][1] for w in words[1:]] + [spans[-1][1]]
+            spans = [(spans[w][0], end) for w, end in zip(words, ends)]
     unit_starts = torch.tensor(starts, dtype=torch.long)
     return TokenizedContext(ids, unit_starts, force_mask(tokenizer, text, ids, unit_starts, spans, force))
 

@@ -1,0 +1,105 @@
+"""The API key and the bounded queue: the middleware alone, then on a real server."""
+
+import asyncio
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from ctxpress.guard import Admission, ApiKey
+
+openai = pytest.importorskip("openai")
+
+
+class Gate:
+    """An ASGI app whose model requests wait until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.open = asyncio.Event()
+        self.entered = 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["path"] != "/healthz":
+            self.entered += 1
+            await self.open.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+def test_queue_bound_answers_429_at_once_and_frees_places():
+    async def scenario():
+        gate = Gate()
+        app = Admission(gate, max_queue=1, retry_after=3)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            first = asyncio.create_task(client.post("/v1/compress"))
+            second = asyncio.create_task(client.post("/v1/chat/completions"))
+            while gate.entered < 2:
+                await asyncio.sleep(0.01)
+            refused = await client.post("/v1/compress")  # one served, one waiting: no room
+            assert refused.status_code == 429 and refused.headers["retry-after"] == "3"
+            assert refused.json()["error"]["type"] == "rate_limit_error"
+            assert (await client.get("/healthz")).status_code == 200  # only model paths are counted
+            gate.open.set()
+            assert [(await t).status_code for t in (first, second)] == [200, 200]
+            assert app.active == 0
+            assert (await client.post("/v1/compress")).status_code == 200  # places were freed
+
+    asyncio.run(scenario())
+
+
+def test_api_key_middleware():
+    async def scenario():
+        gate = Gate()
+        gate.open.set()
+        app = ApiKey(gate, "s3cret")
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
+                            {"Authorization": "Bearer s3cret "}):
+                r = await client.post("/v1/compress", headers=headers)
+                assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+                assert "s3cret" not in r.text
+            assert (await client.post("/v1/compress", headers={"Authorization": "Bearer s3cret"})).status_code == 200
+            assert (await client.get("/healthz")).status_code == 200
+
+    asyncio.run(scenario())
+    with pytest.raises(ValueError):
+        ApiKey(Gate(), "")
+    with pytest.raises(ValueError):
+        Admission(Gate(), -1)
+
+
+@pytest.fixture(scope="module")
+def guarded_url(tiny_lm):
+    import uvicorn
+
+    from ctxpress.server import create_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    app = create_app(tiny_lm, max_new_tokens=16, api_key="k-123", max_queue=2)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.started
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_server_requires_the_key(guarded_url):
+    messages = [{"role": "user", "content": "Say hi."}]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{guarded_url}/v1", api_key="wrong", max_retries=0).chat.completions.create(
+            model="tiny", messages=messages, max_tokens=4)
+    client = openai.OpenAI(base_url=f"{guarded_url}/v1", api_key="k-123", max_retries=0)
+    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=4)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert httpx.get(f"{guarded_url}/healthz").status_code == 200
+    r = httpx.post(f"{guarded_url}/v1/compress", json={"context": "a b c d", "rate": 0.5})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"

@@ -1,0 +1,123 @@
+"""Whole-word units and question-aware scoring, on the tiny model."""
+
+from itertools import pairwise
+
+import numpy as np
+import pytest
+import torch
+
+from ctxpress.attention import attention_implementation
+from ctxpress.errors import InputError
+from ctxpress.prompt import METHODS, PromptCompressor
+from ctxpress.prompt.tokens import MAX_WORD_TOKENS, tokenize_context, unit_texts, word_starts
+from ctxpress.signals import token_signals
+
+
+@pytest.fixture
+def pc(tiny_lm):
+    return PromptCompressor(tiny_lm, progress=False)
+
+
+def words(texts, sizes=None):
+    starts = word_starts(texts, sizes or [1] * len(texts))
+    return ["".join(texts[a:b]) for a, b in zip(starts, [*starts[1:], len(texts)])]
+
+
+def test_word_rules():
+    # leading whitespace (newlines too) goes with the word after it; digits and inner punctuation stay
+    assert words(["The", " number", " ", "1", "9", "8", "4", " is", " well", "-", "known"]) == \
+        ["The", " number", " 1984", " is", " well-known"]
+    # leading punctuation joins its word, trailing marks stand alone, one by one
+    assert words([" (", "really", ").", "\n", "\n", "Next", " don", "'t", ",", " end", "."]) == \
+        [" (really", ").", "\n\nNext", " don't", ",", " end", "."]
+    # characters of scripts without spaces, and emoji, are words of their own
+    assert words(["東", "京", "は", " emoji", " 👍", "🏽", " ok"]) == ["東", "京", "は", " emoji", " 👍", "🏽", " ok"]
+    # a word never grows past MAX_WORD_TOKENS tokens
+    assert word_starts([" x"] + ["a"] * (2 * MAX_WORD_TOKENS), [1] * (2 * MAX_WORD_TOKENS + 1)) == \
+        [0, MAX_WORD_TOKENS, 2 * MAX_WORD_TOKENS]
+    assert word_starts([" x", "yz", "w"], [MAX_WORD_TOKENS - 2, 2, 1]) == [0, 2]  # counted in tokens
+
+
+def test_word_units_partition_the_tokens(pc, text):
+    tok = pc.tokenizer
+    chars = tokenize_context(tok, text)
+    ctx = tokenize_context(tok, text, unit="word")
+    assert torch.equal(ctx.ids, chars.ids)
+    assert set(ctx.unit_starts.tolist()) <= set(chars.unit_starts.tolist())  # words are whole characters
+    texts = unit_texts(tok, ctx.ids, ctx.unit_starts)
+    assert "".join(texts) == text
+    assert all("\ufffd" not in t for t in texts)
+    assert len(texts) < len(chars.unit_starts)
+    # no unit has whitespace after its first non-space character: a word starts where a space does
+    assert all(not any(ch.isspace() for ch in t.lstrip()) for t in texts)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("rate", [0.5, 0.2])
+def test_word_units_keep_words_whole(pc, text, method, rate):
+    ctx = tokenize_context(pc.tokenizer, text, unit="word")
+    result = pc.compress(text, rate=rate, method=method, unit="word")
+    n = len(ctx)
+    target = max(1, int(rate * n + 0.5))
+    assert result.compressed_tokens <= target  # never more than asked
+    assert result.compressed_tokens >= target - MAX_WORD_TOKENS
+    kept = np.zeros(n, dtype=bool)
+    kept[result.kept_token_indices] = True
+    bounds = [*ctx.unit_starts.tolist(), n]
+    for a, b in pairwise(bounds):
+        assert kept[a:b].all() or not kept[a:b].any(), (method, a, b)
+    # every kept piece of text is a whole word of the original: nothing glued
+    kept_words = [t for t, (a, _) in zip(unit_texts(pc.tokenizer, ctx.ids, ctx.unit_starts), pairwise(bounds))
+                  if kept[a]]
+    assert "".join(kept_words) == result.compressed_text
+
+
+def test_words_reach_the_budget_on_plain_text(pc):
+    text = " ".join(["compression keeps the informative words of every prompt, and drops the rest."] * 6)
+    n = len(tokenize_context(pc.tokenizer, text))
+    for target in (10, n // 3, n // 2):
+        result = pc.compress(text, target_tokens=target, method="dac-static", unit="word")
+        assert result.compressed_tokens == target  # one-token words make every count reachable
+
+
+def test_unit_is_validated(pc, text):
+    with pytest.raises(InputError, match="unit must be one of token, word"):
+        pc.compress(text, rate=0.5, method="entropy", unit="sentence")
+    with pytest.raises(InputError, match="unit_score must be one of mean, max"):
+        pc.compress(text, rate=0.5, method="entropy", unit_score="median")
+
+
+def test_unit_score_max_differs_from_mean(pc, text):
+    mean = pc.compress(text, rate=0.4, method="dac-static", unit="word")
+    top = pc.compress(text, rate=0.4, method="dac-static", unit="word", unit_score="max")
+    assert mean.kept_token_indices != top.kept_token_indices
+    assert top.settings["unit_score"] == "max" and mean.settings["unit"] == "word"
+
+
+def test_signals_from_the_last_rows_only(tiny_lm):
+    """``last_rows=q``: the attention each key gets from the last q query rows, by direct definition."""
+    torch.manual_seed(4)
+    ids = torch.randint(0, len(tiny_lm.tokenizer), (90,))
+    q = 12
+    got = token_signals(tiny_lm.model, [ids], last_rows=[q])[0]
+    with attention_implementation(tiny_lm.model, "eager"):
+        out = tiny_lm.model(ids[None], output_attentions=True, use_cache=False)
+    maps = torch.cat([a[0].float() for a in out.attentions])  # (layers*heads, n, n)
+    expected = maps[:, -q:, :].sum(dim=(0, 1)) / maps.shape[0]
+    torch.testing.assert_close(got.attention, expected.detach(), atol=1e-5, rtol=1e-4)
+    # batched with another sequence, each keeps its own rows
+    other = torch.randint(0, len(tiny_lm.tokenizer), (40,))
+    both = token_signals(tiny_lm.model, [other, ids], last_rows=[5, q])
+    torch.testing.assert_close(both[1].attention, got.attention, atol=1e-5, rtol=1e-4)
+
+
+def test_question_aware_attention(pc, text):
+    question = "Which numbers matter?"
+    aware = pc.compress(text, rate=0.4, method="dac-static", question=question, attention_from="question")
+    agnostic = pc.compress(text, rate=0.4, method="dac-static", question=question)
+    assert aware.compressed_tokens == agnostic.compressed_tokens
+    assert aware.kept_token_indices != agnostic.kept_token_indices
+    with pytest.raises(InputError, match="needs a question"):
+        pc.compress(text, rate=0.4, method="dac-static", attention_from="question")
+    with pytest.raises(InputError, match="attention_from must be"):
+        pc.compress(text, rate=0.4, method="dac-static", attention_from="answer")
