@@ -91,17 +91,13 @@ class StaticDACMethod(DACMethod):
     consecutive: bool = False
 
 
+# How dac-words departs from the paper, each choice made on the dev split: whole words (a word with
+# its leading space, or one trailing punctuation mark) are kept or dropped together, scored by the
+# mean of their tokens' scores, so no two words are glued and numbers are not shredded; and one
+# scoring pass instead of stages, because re-scoring over stages lost more of the answer than it saved.
 @dataclass(frozen=True)
 class WordDACMethod(StaticDACMethod):
-    """DAC's fused score in one pass over whole words; the default
-
-    Departs from the paper in two ways, each chosen on the dev split: whole
-    words (a word with its leading space, or one trailing punctuation mark)
-    are kept or dropped together, scored by the mean of their tokens' scores,
-    so no two words are ever glued and numbers are not shredded; and there is
-    one scoring pass, not several stages, because re-scoring over stages lost
-    more of the answer than it saved.
-    """
+    """DAC's fused score in one pass over whole words; the default"""
 
     name: ClassVar[str] = "dac-words"
 
