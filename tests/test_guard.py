@@ -1,14 +1,13 @@
 """The API key and the bounded queue: the middleware alone, then on a real server."""
 
 import asyncio
-import socket
-import threading
-import time
 
 import httpx
 import pytest
 
 from ctxpress.guard import Admission, ApiKey
+
+from conftest import running_server
 
 openai = pytest.importorskip("openai")
 
@@ -72,24 +71,10 @@ def test_api_key_middleware():
 
 @pytest.fixture(scope="module")
 def guarded_url(tiny_lm):
-    import uvicorn
-
     from ctxpress.server import create_app
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    app = create_app(tiny_lm, max_new_tokens=16, api_key="k-123", max_queue=2)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with running_server(create_app(tiny_lm, max_new_tokens=16, api_key="k-123", max_queue=2)) as url:
+        yield url
 
 
 def test_server_requires_the_key(guarded_url):

@@ -1,39 +1,22 @@
 """ctxpress serve: a real server on loopback, driven over HTTP and with the openai client."""
 
 import json
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
-from conftest import TEXT
+from conftest import TEXT, running_server
 
 openai = pytest.importorskip("openai")
 
 
 @pytest.fixture(scope="module")
 def base_url(tiny_lm):
-    import uvicorn
-
     from ctxpress.server import create_app
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    app = create_app(tiny_lm, max_request_bytes=64_000, max_new_tokens=64)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.started, "server did not start"
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with running_server(create_app(tiny_lm, max_request_bytes=64_000, max_new_tokens=64)) as url:
+        yield url
 
 
 @pytest.fixture
