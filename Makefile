@@ -28,7 +28,7 @@ UV_EXTRAS := $(foreach e,$(subst $(comma), ,$(EXTRAS)),--extra $(e))
 pip        = $(1)/bin/python -m pip --disable-pip-version-check $(PIP_EXTRA)
 UVBIN     := .venv-uv/bin/uv
 
-.PHONY: setup demo test test-latest test-oldest lock lint bench-dac bench-kv bench-quick clean
+.PHONY: setup demo test test-properties test-latest test-oldest lock lint bench-dac bench-kv bench-quick clean
 
 $(STAMP): pyproject.toml requirements.lock Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The property tests with many more generated examples (400 per property instead of 25).
+test-properties: $(STAMP)
+	CTXPRESS_PROPERTIES=long $(BIN)/python -m pytest -q tests/test_properties.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

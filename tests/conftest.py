@@ -20,6 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 from transformers import DynamicCache
 
 from ctxpress.compat import with_cache
@@ -42,6 +43,12 @@ TEXT = (
     "punctuation! Unicode stays intact: 東京, café, 😀👍🏽.\n"
     "Each stage re-scores what is left, so that the neighbours of a dropped token are judged again."
 )
+
+
+# Property tests: a fast profile inside `make test`, a long one for `make test-properties`.
+settings.register_profile("fast", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("CTXPRESS_PROPERTIES", "fast"))
 
 
 @contextmanager

@@ -50,9 +50,12 @@ class Job:
             self.protected[lo] = True
         protected_tokens = int(self.sizes[self.protected].sum())
         if protected_tokens > self.target:
+            forced = bool(self.context.protected.any())
             raise InputError(
-                f"{protected_tokens} context tokens are protected (force_tokens and window starts), "
-                f"more than the budget of {self.target}"
+                f"the budget of {self.target} context tokens is smaller than the {protected_tokens} that are "
+                f"always kept ({'force_tokens and ' if forced else ''}the first "
+                f"{'unit' if len(self.windows) == 1 else 'unit of each window'}, which has no left context to "
+                f"be scored by): ask for at least {protected_tokens}"
             )
 
     def _split(self, room: int) -> list[tuple[int, int]]:

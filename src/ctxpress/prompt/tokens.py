@@ -202,16 +202,13 @@ def tokenize_context(tokenizer, text: str, force: Sequence[str] = (), unit: str 
         starts = unit_starts_from_decoding(tokenizer, enc["input_ids"])
         spans = None
     ids = torch.tensor(enc["input_ids"], dtype=torch.long)
+    # Protection is decided per character unit; a word holding a protected token is kept whole (Job).
+    protected = force_mask(tokenizer, text, ids, torch.tensor(starts, dtype=torch.long), spans, force)
     if unit == "word" and starts:
         bounds = [*starts, len(ids)]
         texts = unit_texts(tokenizer, ids, torch.tensor(starts))
-        words = word_starts(texts, [b - a for a, b in pairwise(bounds)])
-        starts = [starts[w] for w in words]
-        if spans is not None:
-            ends = [spans[w - 1][1] for w in words[1:]] + [spans[-1][1]]
-            spans = [(spans[w][0], end) for w, end in zip(words, ends)]
-    unit_starts = torch.tensor(starts, dtype=torch.long)
-    return TokenizedContext(ids, unit_starts, force_mask(tokenizer, text, ids, unit_starts, spans, force))
+        starts = [starts[w] for w in word_starts(texts, [b - a for a, b in pairwise(bounds)])]
+    return TokenizedContext(ids, torch.tensor(starts, dtype=torch.long), protected)
 
 
 def encode_plain(tokenizer, text: str) -> torch.Tensor:
