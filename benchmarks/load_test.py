@@ -1,0 +1,157 @@
+"""Load test of ``ctxpress serve`` on loopback: concurrent clients, mixed good and bad requests.
+
+Starts a real server process (``ctxpress serve``), then runs ``--clients``
+concurrent clients for ``--seconds``. Each client sends, in turn, a valid
+``/v1/compress`` request, a valid short chat completion, malformed JSON, and
+a request with an unknown method option (the last two must be 4xx, never
+500). Reports throughput, p50/p99 latency of the answered requests, counts
+by status (429 when more than ``--max-queue`` wait), and the server's
+resident memory before (after one warm-up request per endpoint), at its
+peak during, and 5 s after the load; checks that
+the server still answers ``/healthz`` afterwards.
+
+Usage: python benchmarks/load_test.py [--clients 16] [--seconds 60] [--max-queue 8] [--model smollm2-135m]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import markdown_table
+
+CONTEXT = ("Prompt compression removes the tokens of a prompt that carry the least information. "
+           "A small language model reads the prompt once and scores every word. ") * 6
+
+
+def rss_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def requests() -> list[tuple[str, dict | bytes]]:
+    return [
+        ("/v1/compress", {"context": CONTEXT, "rate": 0.5}),
+        ("/v1/chat/completions", {"model": "m", "max_tokens": 8,
+                                  "messages": [{"role": "user", "content": "Name a colour."}]}),
+        ("/v1/compress", b'{"context": "unterminated'),
+        ("/v1/compress", {"context": CONTEXT, "rate": 0.5, "options": {"bogus": 1}}),
+    ]
+
+
+async def client(base: str, until: float, log: list, offset: int) -> None:
+    import httpx
+
+    mix = requests()
+    async with httpx.AsyncClient(base_url=base, timeout=120) as http:
+        i = offset
+        while time.time() < until:
+            path, body = mix[i % len(mix)]
+            i += 1
+            start = time.perf_counter()
+            try:
+                if isinstance(body, bytes):
+                    r = await http.post(path, content=body, headers={"content-type": "application/json"})
+                else:
+                    r = await http.post(path, json=body)
+                status = r.status_code
+                if status == 429:
+                    await asyncio.sleep(float(r.headers.get("retry-after", "1")))
+            except httpx.HTTPError as exc:
+                status = type(exc).__name__
+            log.append((status, time.perf_counter() - start, path))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--max-queue", type=int, default=8)
+    parser.add_argument("--model", default="smollm2-135m")
+    args = parser.parse_args()
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "ctxpress.cli", "serve", "--port", str(port),
+                               "--model", args.model, "--max-queue", str(args.max_queue)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
+    import httpx
+
+    try:
+        deadline = time.time() + 300
+        while True:
+            if server.poll() is not None:
+                sys.exit(f"server exited: {server.stderr.read().decode()[-2000:]}")
+            try:
+                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                sys.exit("server did not start in 5 minutes")
+            time.sleep(0.5)
+        for path, body in requests()[:2]:  # warm-up: both endpoints once, so the baseline holds what they load
+            httpx.post(f"{base}{path}", json=body, timeout=120)
+        baseline = rss_of(server.pid)
+        peak, sampling = [baseline], threading.Event()
+
+        def sample() -> None:
+            while not sampling.is_set():
+                peak[0] = max(peak[0], rss_of(server.pid))
+                time.sleep(0.1)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        log: list = []
+        start = time.time()
+
+        async def run_all() -> None:
+            until = start + args.seconds
+            await asyncio.gather(*(client(base, until, log, k) for k in range(args.clients)))
+
+        asyncio.run(run_all())
+        elapsed = time.time() - start
+        sampling.set()
+        sampler.join()
+        time.sleep(5)
+        after = rss_of(server.pid)
+        alive = httpx.get(f"{base}/healthz", timeout=10).status_code == 200
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    statuses = collections.Counter(str(s) for s, _, _ in log)
+    ok = sorted(t for s, t, _ in log if s == 200)
+    gib = 2**20
+    row = [args.clients, f"{elapsed:.0f}", len(log), f"{len(ok) / elapsed:.2f}",
+           f"{statistics.median(ok):.2f}" if ok else "n/a",
+           f"{ok[min(len(ok) - 1, int(0.99 * len(ok)))]:.2f}" if ok else "n/a",
+           ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())),
+           f"{baseline / gib:.0f} / {peak[0] / gib:.0f} / {after / gib:.0f}", "yes" if alive else "NO"]
+    print(markdown_table(["clients", "seconds", "requests", "answered/s", "p50 s", "p99 s", "by status",
+                          "server RSS MiB before / peak / after", "up after"], [row]))
+    if "500" in statuses or not alive:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
