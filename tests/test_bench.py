@@ -212,6 +212,8 @@ def test_cli_bench(tmp_path, data_dir, tiny_model_dir, capsys):
     assert code == 0, captured.err
     assert "### kv-retrieval" in captured.out and "| full |" in captured.out
     assert len(read_records(out / RESULTS)) == len(profile("quick").configs())
+    code = main(["bench", "--ratios", "0.5,1.5", "--data-dir", str(data_dir)])
+    assert code == 2 and "kept fraction in (0, 1], got '1.5'" in capsys.readouterr().err
     code = main(["bench", "--tasks", "kv-retrieval,poetry", "--data-dir", str(data_dir)])
     assert code == 2 and "unknown task poetry" in capsys.readouterr().err
     code = main(["bench", "--data-dir", str(tmp_path / "nothing"), "--model", tiny_model_dir])
@@ -244,6 +246,12 @@ def test_profile_restricted_to_methods():
     kv = profile("kv")
     assert len(kv.configs()) == 1 + 6 * 3 * 2 and "quantized" in kv.kv_methods
     assert sum(count for _, count in kv.tasks.values()) >= 160
+    narrow = kv.only(["snapkv", "snapkv:unit=word"]).at(ratios=["0.2"], settings=["aware"])
+    assert [c.label for c in narrow.configs()] == ["full", "kv:snapkv@0.2:aware", "kv:snapkv:unit=word@0.2:aware"]
+    for ratios, settings, match in ((["0"], None, "kept fraction in"), (["half"], None, "kept fraction in"),
+                                    (None, ["sideways"], "unknown KV setting sideways")):
+        with pytest.raises(InputError, match=match):
+            kv.at(ratios=ratios, settings=settings)
 
 
 def test_generated_tasks_hold_their_facts(data_dir, tokenizer):

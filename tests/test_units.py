@@ -9,8 +9,9 @@ import torch
 from ctxpress.attention import attention_implementation
 from ctxpress.errors import InputError
 from ctxpress.prompt import METHODS, PromptCompressor
-from ctxpress.prompt.tokens import MAX_WORD_TOKENS, tokenize_context, unit_texts, word_starts
+from ctxpress.prompt.tokens import tokenize_context, unit_texts
 from ctxpress.signals import token_signals
+from ctxpress.words import MAX_WORD_TOKENS, word_starts
 
 
 @pytest.fixture

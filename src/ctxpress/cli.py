@@ -50,6 +50,11 @@ def read_text(path: str | None) -> str:
     return text.removeprefix("\ufeff")
 
 
+def _items(text: str) -> list[str]:
+    """The non-empty entries of a comma-separated list."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def _number(cast: type, valid: Callable[[float], bool], rule: str) -> Callable[[str], float]:
     """An argparse type: ``cast`` the text and check it, with a one-line message."""
 
@@ -188,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated subset of the profile's prompt and KV methods, each "
                    "optionally with options (dac-static:unit=word:alpha=0.5); the full-context "
                    "reference always runs")
+    b.add_argument("--ratios", metavar="LIST",
+                   help="comma-separated kept fractions in (0, 1] replacing the profile's prompt rates and KV "
+                   "ratios (0.2 or 0.5,0.33)")
+    b.add_argument("--settings", metavar="LIST",
+                   help="comma-separated KV settings replacing the profile's: agnostic (question read after "
+                   "compression), aware (question inside the compressed prefill)")
     b.add_argument("--split", default="report", choices=SPLITS,
                    help="dev: the first half of each data file, for tuning; report (default): the second half")
     b.add_argument("--out", metavar="DIR", help="output directory (default: bench-out/PROFILE)")
@@ -298,7 +309,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise InputError(f"unknown task {', '.join(unknown) or '(none)'} (choose from: {', '.join(TASKS)})")
     chosen = profile(args.profile)
     if args.methods is not None:
-        chosen = chosen.only([m.strip() for m in args.methods.split(",") if m.strip()])
+        chosen = chosen.only(_items(args.methods))
+    if args.ratios is not None or args.settings is not None:
+        chosen = chosen.at(ratios=None if args.ratios is None else _items(args.ratios),
+                           settings=None if args.settings is None else _items(args.settings))
     data = find_data_dir(args.data_dir, tasks)
     out = Path(args.out or Path("bench-out") / args.profile)
     if args.fresh and (out / RESULTS).exists():

@@ -7,6 +7,7 @@ for paired intervals to separate methods (see :mod:`ctxpress.bench.stats`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 from ..errors import InputError
@@ -106,6 +107,31 @@ class Profile:
         return replace(self, prompt_methods=tuple(prompt), kv_methods=tuple(kv),
                        combos=tuple(c for c in self.combos
                                     if c.prompt_method in methods and c.kv_method in methods))
+
+
+    def at(self, ratios: list[str] | None = None, settings: list[str] | None = None) -> Profile:
+        """This grid at other kept fractions (prompt rates and KV ratios alike) or KV settings."""
+        changed = self
+        if ratios is not None:
+            values = []
+            for text in ratios:
+                try:
+                    value = float(text)
+                except ValueError:
+                    value = math.nan
+                if not 0 < value <= 1:
+                    raise InputError(f"a ratio is a kept fraction in (0, 1], got {text!r}")
+                values.append(value)
+            if not values:
+                raise InputError("give at least one ratio")
+            changed = replace(changed, prompt_rates=tuple(values), kv_ratios=tuple(values))
+        if settings is not None:
+            unknown = [s for s in settings if s not in KV_SETTINGS]
+            if unknown or not settings:
+                raise InputError(f"unknown KV setting {', '.join(unknown) or '(none)'} "
+                                 f"(choose from: {', '.join(KV_SETTINGS)})")
+            changed = replace(changed, kv_settings=tuple(settings))
+        return changed
 
 
 def profile(name: str) -> Profile:

@@ -43,6 +43,7 @@ class PressState:
     compressed: bool = False
     compress_seconds: float = 0.0
     layers: list[CompressedLayer] = field(default_factory=list)
+    units: torch.Tensor | None = None  # word index per prompt token, for presses that evict whole words
 
 
 class CompressedLayer(DynamicLayer):
@@ -83,6 +84,9 @@ class CompressedLayer(DynamicLayer):
     def _prefill(self, module, query, key, value, attention_mask, scaling) -> torch.Tensor:
         """Attention of the prefill pass, plus this layer's scores; the last layer has the press compress."""
         state, press = self.state, self.state.press
+        if state.units is not None and state.units.shape[-1] != query.shape[2]:
+            raise InputError(f"units give the words of {state.units.shape[-1]} tokens; the prompt has "
+                             f"{query.shape[2]}")
         if attention_mask is not None and not _is_plain_causal(attention_mask):
             raise InputError("KV compression needs unpadded input (one prompt, or prompts of equal length)")
         window = getattr(module.config, "sliding_window", None)
@@ -102,6 +106,10 @@ class CompressedLayer(DynamicLayer):
                 timed(state, lambda: press.compress(layers, state.model))
                 state.compressed = True
         return out
+
+    @property
+    def units(self) -> torch.Tensor | None:
+        return self.state.units
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Reorder the batch for beam search (stores that hold one prompt refuse several beams)."""
@@ -163,9 +171,13 @@ class CompressedCache(DynamicCache):
     questions from one compressed context.
     """
 
-    def __init__(self, press: Press, model: torch.nn.Module) -> None:
+    def __init__(self, press: Press, model: torch.nn.Module, units: torch.Tensor | None = None) -> None:
         super().__init__(config=model.config)
+        if press.needs_words() and units is None:
+            raise InputError(f"{press.name} with unit=word needs the word of every prompt token: pass "
+                             "units=ctxpress.words.token_words(tokenizer, ids)")
         self.state = new_state(press, model)
+        self.state.units = units
         self.layers = [CompressedLayer(self.state, i) for i in range(self.state.num_layers)]
         self.state.layers = self.layers
 

@@ -86,6 +86,7 @@ class PrefilledLayer(Protocol):
     keys: torch.Tensor  # (b, kv_heads, n, d), post-RoPE, as the prefill left them
     values: torch.Tensor
     scores: torch.Tensor | None  # what Press.score returned for this layer
+    units: torch.Tensor | None  # word index of every prompt token, (n,) or (b, n), where the press needs words
 
     def compress_to(self, store: Store) -> None:
         """Replace the layer's dense tensors by ``store`` (a layer left alone stays dense)."""
@@ -110,6 +111,11 @@ class Press(ABC):
         refuses a budget instead of ignoring it; entry points add a default
         budget only where this is true.
         """
+
+    def needs_words(self) -> bool:
+        """Whether :meth:`compress` reads ``layer.units``: the cache's owner, who knows the token
+        ids, must then give the word of every prompt token (:func:`ctxpress.words.token_words`)."""
+        return False
 
     @abstractmethod
     def score(self, query: torch.Tensor, key: torch.Tensor, scaling: float,

@@ -20,6 +20,7 @@ from ..compat import with_cache
 from ..errors import InputError
 from ..memory import PeakMemory
 from ..models import LoadedModel
+from ..words import token_words
 from .presses import KVPress
 from .registry import build_press
 
@@ -79,7 +80,8 @@ class CompressedContext:
     def __init__(self, lm: LoadedModel, prefix_ids: torch.Tensor, press: KVPress) -> None:
         self.lm, self.press = lm, press
         self.prefix_ids = prefix_ids.to(lm.device)
-        self.cache = press.cache(lm.model)
+        units = token_words(lm.tokenizer, self.prefix_ids[0].tolist()) if press.needs_words() else None
+        self.cache = press.cache(lm.model, units)
         start = time.perf_counter()
         with torch.no_grad():
             out = lm.model(input_ids=self.prefix_ids, use_cache=True, logits_to_keep=1,

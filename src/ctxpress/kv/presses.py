@@ -36,7 +36,7 @@ from ..options import Configurable
 from .budget import pyramid_keep, uniform_keep
 from .cache import CompressedCache, PressState, convert_cache, new_state
 from .contracts import PrefilledLayer, Press
-from .scores import NORMALIZE, group_mean, pool, window_scores
+from .scores import NORMALIZE, UNIT_SCORES, UNITS, by_unit, group_mean, pool, window_scores
 from .store import DenseStore
 
 
@@ -79,20 +79,25 @@ class KVPress(Configurable, Press):
         return ""
 
     # -- the two ways in ---------------------------------------------------------------
-    def cache(self, model: torch.nn.Module) -> CompressedCache:
+    def cache(self, model: torch.nn.Module, units: torch.Tensor | None = None) -> CompressedCache:
         """A cache that this press compresses after its first prefill.
 
-        The model's attention implementation is set to ctxpress's, which is
-        plain SDPA for everything but compressed caches.
+        ``units``: the word of every prompt token (:func:`ctxpress.words.token_words`),
+        required by presses made with ``unit="word"``. The model's attention
+        implementation is set to ctxpress's, which is plain SDPA for
+        everything but compressed caches.
         """
         register()
         if model.config._attn_implementation != ATTN_IMPLEMENTATION:
             model.set_attn_implementation(ATTN_IMPLEMENTATION)
-        return CompressedCache(self, model)
+        return CompressedCache(self, model, units)
 
     @contextmanager
     def __call__(self, model: torch.nn.Module) -> Iterator[KVPress]:
         """Compress every cache the model fills inside the block (from its first token)."""
+        if self.needs_words():
+            raise InputError(f"{self.name} with unit=word needs the prompt's words, which a model hook "
+                             "cannot see: use press.cache(model, units=token_words(tokenizer, ids))")
         register()
         states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -134,16 +139,33 @@ class EvictionPress(KVPress):
     """Keep each layer's top-scored tokens (one choice per KV head) plus a recent window.
 
     Options: a budget (``ratio`` or ``tokens``, see :class:`KVPress`); ``window``
-    (default 32): the most recent prompt tokens, always kept.
+    (default 32): the most recent prompt tokens, always kept; ``unit``
+    (``token`` or ``word``): with ``word`` a head keeps or evicts whole words
+    (a number, a name), ranked by ``unit_score`` (``max`` or ``mean`` of
+    their tokens' scores), at most one word per head cut by the budget.
     """
 
     window: int = 32
+    unit: str = "token"
+    unit_score: str = "max"
     needs_budget: ClassVar[bool] = True
 
     def validate(self) -> None:
         super().validate()
         if self.window < 0:
             raise InputError(f"{self.name}: window must be >= 0 tokens, got {self.window}")
+        if self.unit not in UNITS:
+            raise InputError(f"{self.name}: unit must be one of {', '.join(UNITS)}, got {self.unit!r}")
+        if self.unit_score not in UNIT_SCORES:
+            raise InputError(f"{self.name}: unit_score must be one of {', '.join(UNIT_SCORES)}, "
+                             f"got {self.unit_score!r}")
+
+    def needs_words(self) -> bool:
+        return self.unit == "word"
+
+    def ranked(self, scores: torch.Tensor, layer: PrefilledLayer) -> torch.Tensor:
+        """The layer's scores in the order tokens are kept: by whole word under ``unit="word"``."""
+        return by_unit(scores, layer.units, self.unit_score) if self.unit == "word" else scores.clone()
 
     def mean_keep(self, n: int) -> int:
         """Tokens kept per layer on average."""
@@ -175,7 +197,7 @@ class EvictionPress(KVPress):
             scores = layer.scores
             if scores.shape[1] != keys.shape[1]:
                 scores = group_mean(scores, keys.shape[1])
-            scores = scores.clone()
+            scores = self.ranked(scores, layer)
             if window:
                 scores[..., n - window :] = float("inf")  # the recent window is always kept
             idx = scores.topk(keep, dim=-1).indices.sort(dim=-1).values

@@ -6,6 +6,9 @@
 * pooling over neighbouring keys, and the GQA choice between one decision per
   KV head (mean over its query heads) and one per query head.
 
+* whole-unit ranking: tokens ordered by the score of the word they belong
+  to, so a head keeps or evicts a number or a name as a whole.
+
 All scores are float32 (b, heads, n); the window's own keys are scored too,
 callers always keep them.
 """
@@ -15,6 +18,8 @@ from __future__ import annotations
 import torch
 
 NORMALIZE = ("sum", "position")  # how window scores are normalised (see window_scores)
+UNITS = ("token", "word")  # what an eviction press keeps or evicts together
+UNIT_SCORES = ("max", "mean")  # how a word's score comes from its tokens' scores
 
 
 def window_scores(query: torch.Tensor, key: torch.Tensor, window: int, scaling: float,
@@ -55,3 +60,31 @@ def group_mean(scores: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """One score per KV head: the mean over the query heads that share it."""
     b, heads, n = scores.shape
     return scores.view(b, kv_heads, heads // kv_heads, n).mean(dim=2)
+
+
+def by_unit(scores: torch.Tensor, units: torch.Tensor, reduce: str = "max") -> torch.Tensor:
+    """Scores (b, heads, n) re-expressed so that their order ranks whole units.
+
+    ``units`` (n,) or (b, n) gives each token's unit (ascending from 0, a
+    word for example). A unit's score is the ``max`` or ``mean`` of its
+    tokens'; tokens are then ordered by their unit's score, and within a
+    unit by their own. The result holds ranks (n for the best token, 1 for
+    the worst), so any top-k keeps whole units and splits at most one: the
+    last that only partly fits.
+    """
+    if reduce not in UNIT_SCORES:
+        raise ValueError(f"reduce must be one of {', '.join(UNIT_SCORES)}, got {reduce!r}")
+    b, heads, n = scores.shape
+    units = units.to(scores.device).expand(b, n)[:, None, :].expand(b, heads, n)
+    count = int(units.max()) + 1
+    scores = scores.float()
+    unit = torch.zeros(b, heads, count, device=scores.device).scatter_reduce(
+        2, units, scores, "amax" if reduce == "max" else "mean", include_self=False)
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices  # best token first
+    # stable sorts: by unit (a unit's tokens together, best first; ties between units cannot
+    # interleave them), then by the unit's score
+    order = order.gather(2, torch.sort(units.gather(2, order), dim=-1, stable=True).indices)
+    order = order.gather(2, torch.sort(unit.gather(2, units).gather(2, order), dim=-1, descending=True,
+                                       stable=True).indices)
+    ranks = torch.empty_like(scores)
+    return ranks.scatter_(2, order, torch.arange(n, 0, -1, device=scores.device, dtype=scores.dtype).expand_as(ranks))

@@ -165,7 +165,7 @@ class LayerPlan:
         self.itemsize = keys.element_size()
         self.dense_bytes = 2 * self.kv_heads * self.n * self.dim * self.itemsize
         scores = layer.scores if press.per_head else group_mean(layer.scores, self.kv_heads)
-        scores = scores[0].clone()  # (selectors, n): query heads, or KV heads
+        scores = press.ranked(scores, layer)[0]  # (selectors, n): query heads, or KV heads
         if window:
             scores[:, self.n - window :] = float("inf")
         order = scores.argsort(dim=-1, descending=True, stable=True)

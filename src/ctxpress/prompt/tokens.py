@@ -8,7 +8,7 @@ tokenizer's character offsets (tokens whose spans overlap belong together)
 or, for tokenizers without offsets, from decoding.
 
 With ``unit="word"`` these character units are grouped further into words
-(:func:`word_starts`): a word with its leading whitespace, or one trailing
+(:func:`ctxpress.words.word_starts`): a word with its leading whitespace, or one trailing
 punctuation mark. Dropping a token-level unit can glue its neighbours
 ("small local" -> "smalllocal") or shred a number; dropping a word cannot.
 """
@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..words import decode_ids, unit_starts_from_decoding, word_starts
 
 UNITS = ("token", "word")  # granularity of what a compressor keeps or drops
-MAX_WORD_TOKENS = 32  # longer "words" (hashes, base64) are cut, so budgets stay reachable
 
 # Character classes usable in ``force_tokens`` next to literal strings.
 FORCE_CLASSES = {
@@ -49,10 +49,6 @@ class TokenizedContext:
         return int(self.ids.shape[0])
 
 
-def _decode(tokenizer, ids) -> str:
-    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-
 def unit_starts_from_offsets(offsets: Sequence[tuple[int, int]]) -> list[int]:
     """Tokens whose character spans overlap the previous ones join their unit."""
     starts, end = [], -1
@@ -65,21 +61,9 @@ def unit_starts_from_offsets(offsets: Sequence[tuple[int, int]]) -> list[int]:
     return starts
 
 
-def unit_starts_from_decoding(tokenizer, ids: Sequence[int]) -> list[int]:
-    """Fallback without offsets: grow a unit until it decodes without U+FFFD."""
-    starts, i = [], 0
-    while i < len(ids):
-        starts.append(i)
-        j = i + 1
-        while j < len(ids) and "\ufffd" in _decode(tokenizer, ids[i:j]) and j - i < 8:
-            j += 1
-        i = j
-    return starts
-
-
 def unit_texts(tokenizer, ids: torch.Tensor, unit_starts: torch.Tensor) -> list[str]:
     bounds = [*unit_starts.tolist(), len(ids)]
-    return [_decode(tokenizer, ids[a:b].tolist()) for a, b in pairwise(bounds)]
+    return [decode_ids(tokenizer, ids[a:b].tolist()) for a, b in pairwise(bounds)]
 
 
 def force_mask(
@@ -140,53 +124,6 @@ def _overlapping(spans: Sequence[tuple[int, int]], ranges: list[tuple[int, int]]
     return np.cumsum(marks[:-1]) > 0
 
 
-def _is_space(text: str) -> bool:
-    return text.isspace()
-
-
-def _is_punct(text: str) -> bool:
-    core = text.strip()
-    return bool(core) and all(unicodedata.category(ch)[0] in "PS" for ch in core)
-
-
-def _is_wide(text: str) -> bool:
-    """Scripts written without spaces (CJK) and emoji: each character is a word of its own."""
-    return any(unicodedata.east_asian_width(ch) in "WF" for ch in text)
-
-
-def word_starts(texts: Sequence[str], sizes: Sequence[int]) -> list[int]:
-    """Which character units (given their texts and token counts) begin a word unit.
-
-    A word is a run of non-space text with the whitespace before it (so
-    dropping a word never glues its neighbours), its leading punctuation
-    included ("(foo", "well-known", "1984" spelled digit by digit). Trailing
-    punctuation marks (",", ").") are units of their own, and so is every
-    character of a script without spaces. A word longer than
-    ``MAX_WORD_TOKENS`` tokens is cut, so that budgets stay reachable.
-    """
-    n = len(texts)
-    # trailing[u]: u is punctuation and only punctuation follows it before the next space or the end
-    trailing = [False] * n
-    for u in range(n - 1, -1, -1):
-        follows_break = u + 1 == n or texts[u + 1][:1].isspace() or trailing[u + 1]
-        trailing[u] = _is_punct(texts[u]) and not texts[u][:1].isspace() and follows_break
-    starts, length = [], 0
-    for u, (text, size) in enumerate(zip(texts, sizes)):
-        prev = texts[u - 1] if u else ""
-        if u == 0:
-            new = True
-        elif _is_space(prev):
-            new = False  # whitespace belongs to the word after it
-        else:
-            new = (text[:1].isspace() or prev[-1:].isspace() or trailing[u] or trailing[u - 1]
-                   or _is_wide(text) or _is_wide(prev) or length + size > MAX_WORD_TOKENS)
-        if new:
-            starts.append(u)
-            length = 0
-        length += size
-    return starts
-
-
 def tokenize_context(tokenizer, text: str, force: Sequence[str] = (), unit: str = "token") -> TokenizedContext:
     """Token ids, units (``unit``: ``"token"`` or ``"word"``) and protection of a context string."""
     if unit not in UNITS:
@@ -228,4 +165,4 @@ def bos_prefix(tokenizer) -> torch.Tensor:
 
 
 def decode(tokenizer, ids: torch.Tensor) -> str:
-    return _decode(tokenizer, ids.tolist())
+    return decode_ids(tokenizer, ids.tolist())

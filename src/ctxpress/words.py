@@ -1,0 +1,99 @@
+"""What a word is, for compressors that keep or drop whole words.
+
+Prompt compression (:mod:`ctxpress.prompt.tokens`) and KV eviction
+(:mod:`ctxpress.kv.scores`) both group tokens into words: dropping single
+tokens glues neighbours ("small local" -> "smalllocal") and shreds numbers
+and names, of which a reader (or an attention head) then sees half.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Sequence
+from itertools import pairwise
+
+import torch
+
+MAX_WORD_TOKENS = 32  # longer "words" (hashes, base64) are cut, so budgets stay reachable
+
+
+def decode_ids(tokenizer, ids) -> str:
+    """The text of ``ids`` exactly as tokenized: special tokens and spacing kept."""
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def unit_starts_from_decoding(tokenizer, ids: Sequence[int]) -> list[int]:
+    """First tokens of the runs that spell whole characters (a unit grows until it decodes
+    without U+FFFD): for token ids without character offsets."""
+    starts, i = [], 0
+    while i < len(ids):
+        starts.append(i)
+        j = i + 1
+        while j < len(ids) and "\ufffd" in decode_ids(tokenizer, ids[i:j]) and j - i < 8:
+            j += 1
+        i = j
+    return starts
+
+
+def _is_space(text: str) -> bool:
+    return text.isspace()
+
+
+def _is_punct(text: str) -> bool:
+    core = text.strip()
+    return bool(core) and all(unicodedata.category(ch)[0] in "PS" for ch in core)
+
+
+def _is_wide(text: str) -> bool:
+    """Scripts written without spaces (CJK) and emoji: each character is a word of its own."""
+    return any(unicodedata.east_asian_width(ch) in "WF" for ch in text)
+
+
+def word_starts(texts: Sequence[str], sizes: Sequence[int]) -> list[int]:
+    """Which character units (given their texts and token counts) begin a word unit.
+
+    A word is a run of non-space text with the whitespace before it (so
+    dropping a word never glues its neighbours), its leading punctuation
+    included ("(foo", "well-known", "1984" spelled digit by digit). Trailing
+    punctuation marks (",", ").") are units of their own, and so is every
+    character of a script without spaces. A word longer than
+    ``MAX_WORD_TOKENS`` tokens is cut, so that budgets stay reachable.
+    """
+    n = len(texts)
+    # trailing[u]: u is punctuation and only punctuation follows it before the next space or the end
+    trailing = [False] * n
+    for u in range(n - 1, -1, -1):
+        follows_break = u + 1 == n or texts[u + 1][:1].isspace() or trailing[u + 1]
+        trailing[u] = _is_punct(texts[u]) and not texts[u][:1].isspace() and follows_break
+    starts, length = [], 0
+    for u, (text, size) in enumerate(zip(texts, sizes)):
+        prev = texts[u - 1] if u else ""
+        if u == 0:
+            new = True
+        elif _is_space(prev):
+            new = False  # whitespace belongs to the word after it
+        else:
+            new = (text[:1].isspace() or prev[-1:].isspace() or trailing[u] or trailing[u - 1]
+                   or _is_wide(text) or _is_wide(prev) or length + size > MAX_WORD_TOKENS)
+        if new:
+            starts.append(u)
+            length = 0
+        length += size
+    return starts
+
+
+def token_words(tokenizer, ids: Sequence[int]) -> torch.Tensor:
+    """Word index of every token of ``ids`` (long, ascending from 0), special tokens included.
+
+    Tokens that spell one character together come first (decoding), then
+    characters are grouped by :func:`word_starts`. For any token sequence,
+    e.g. a chat-formatted prompt whose KV cache is compressed word by word.
+    """
+    ids = [int(i) for i in ids]
+    chars = unit_starts_from_decoding(tokenizer, ids)
+    bounds = [*chars, len(ids)]
+    texts = [decode_ids(tokenizer, ids[a:b]) for a, b in pairwise(bounds)]
+    words = torch.zeros(len(ids), dtype=torch.long)
+    for w in word_starts(texts, [b - a for a, b in pairwise(bounds)])[1:]:
+        words[chars[w]:] += 1
+    return words

@@ -1,0 +1,135 @@
+"""Evicting whole words from the KV cache: the ranking, the presses that use it, and the refusals."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ctxpress.chat import prompt_ids
+from ctxpress.errors import InputError
+from ctxpress.kv import PyramidKV, SnapKV, SpindleKV, StreamingLLM, answer_questions, build_press
+from ctxpress.kv.scores import by_unit
+from ctxpress.words import token_words
+
+from conftest import N, reference_layers
+
+
+def unit_scores(scores: torch.Tensor, units: torch.Tensor, reduce: str) -> list[float]:
+    out = []
+    for u in range(int(units.max()) + 1):
+        mine = scores[units == u]
+        out.append(float(mine.max() if reduce == "max" else mine.mean()))
+    return out
+
+
+@given(st.lists(st.integers(1, 4), min_size=1, max_size=12), st.integers(0, 10_000), st.sampled_from(["max", "mean"]))
+def test_top_k_of_ranked_scores_keeps_the_best_units_whole(sizes, seed, reduce):
+    generator = torch.Generator().manual_seed(seed)
+    units = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    n = len(units)
+    scores = torch.rand(2, 3, n, generator=generator)
+    ranks = by_unit(scores, units, reduce)
+    for b in range(2):
+        for h in range(3):
+            assert sorted(ranks[b, h].tolist()) == list(range(1, n + 1))
+            best_units = sorted(range(len(sizes)), key=lambda u: -unit_scores(scores[b, h], units, reduce)[u])
+            for k in range(1, n + 1):
+                kept = set(ranks[b, h].topk(k).indices.tolist())
+                partial = [u for u in range(len(sizes))
+                           if 0 < sum(int(t) in kept for t in torch.nonzero(units == u)) < sizes[u]]
+                assert len(partial) <= 1  # only the unit the budget cuts
+                whole = [u for u in range(len(sizes)) if all(int(t) in kept for t in torch.nonzero(units == u))]
+                assert sorted(whole) == sorted(best_units[: len(whole)])  # best units first
+                if partial:  # within the cut unit, its best tokens
+                    mine = torch.nonzero(units == partial[0]).flatten()
+                    inside = [int(t) for t in mine if int(t) in kept]
+                    best = mine[scores[b, h, mine].argsort(descending=True)[: len(inside)]]
+                    assert sorted(inside) == sorted(best.tolist())
+
+
+def test_ties_between_units_never_interleave_them():
+    scores = torch.tensor([[[1.0, 1.0, 1.0, 1.0]]])
+    ranks = by_unit(scores, torch.tensor([0, 1, 0, 1]), "max")
+    assert set(ranks[0, 0].topk(2).indices.tolist()) in ({0, 2}, {1, 3})
+
+
+def test_token_words_groups_numbers_and_keeps_spaces_with_the_next_word(smollm):
+    tok = smollm.tokenizer
+    text = "The magic number is 4817293, said Ann-Marie."
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    words = token_words(tok, ids)
+    pieces = ["".join(tok.decode(ids[i]) for i in range(len(ids)) if words[i] == w) for w in words.unique()]
+    assert pieces == ["The", " magic", " number", " is", " 4817293", ",", " said", " Ann-Marie", "."]
+    context, question = prompt_ids(tok, text, "Which number?")  # as the KV cache sees a prompt
+    chat_words = token_words(tok, torch.cat([context, question], dim=1)[0].tolist())
+    assert chat_words[0] == 0 and bool((chat_words.diff() >= 0).all()) and bool((chat_words.diff() <= 1).all())
+
+
+def words_of(n: int, seed: int = 0) -> torch.Tensor:
+    """Random words of 1-4 tokens covering n tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, 5, (n,), generator=generator)
+    return torch.repeat_interleave(torch.arange(n), sizes)[:n]
+
+
+@pytest.mark.parametrize("press_cls", [SnapKV, PyramidKV, StreamingLLM])
+def test_word_eviction_keeps_what_the_ranking_says(lm, prompt, press_cls):
+    units = words_of(N)
+    press = press_cls(ratio=0.25, unit="word")
+    cache = press.cache(lm.model, units)
+    with torch.no_grad():
+        lm.model(prompt, cache=cache)
+    dense, maps = reference_layers(lm.model, prompt)
+    kv_heads = dense[0][0].shape[1]
+    window = press.effective_window(N)
+    for i, ((keys, _), attn, keep) in enumerate(zip(dense, maps, press.keep_counts(N, len(dense)))):
+        if press_cls is StreamingLLM:
+            scores = torch.arange(N, dtype=torch.float32).expand(1, kv_heads, N).clone()
+            scores[..., :4] = float("inf")
+        else:
+            scores = torch.nn.functional.avg_pool1d(
+                attn[:, :, -window:].sum(dim=2).view(-1, 1, N), 5, 1, 2).view(1, -1, N)
+            scores = scores.view(1, kv_heads, -1, N).mean(2)
+        ranked = by_unit(scores, units, "max")
+        ranked[..., N - window:] = float("inf")
+        idx = ranked.topk(keep, dim=-1).indices.sort(dim=-1).values
+        store = cache.layers[i].store
+        assert len(store) == keep
+        torch.testing.assert_close(store.keys, keys.gather(2, idx[..., None].expand(-1, -1, -1, keys.shape[-1])),
+                                   atol=1e-5, rtol=1e-5)
+        for head in idx[0]:  # whole words, but for the window's first and the one the budget cuts
+            kept = set(head.tolist())
+            cut = {int(u) for u in units.unique() if 0 < sum(int(t) in kept for t in torch.nonzero(units == u))
+                   < int((units == u).sum())}
+            assert len(cut - {int(units[N - window])}) <= 1
+
+
+def test_spindlekv_by_words_keeps_its_byte_budget(tiny_lm, prompt):
+    cache = SpindleKV(ratio=0.3, unit="word").cache(tiny_lm.model, words_of(N))
+    with torch.no_grad():
+        tiny_lm.model(prompt, cache=cache)
+    assert cache.nbytes() <= 0.3 * cache.dense_nbytes()
+
+
+def test_answering_with_word_eviction_finds_the_words_itself(tiny_lm):
+    results = answer_questions(tiny_lm, "alpha beta gamma 12345 delta " * 20, ["what?"], "snapkv", ratio=0.3,
+                               unit="word", max_new_tokens=3, question_aware=True)
+    assert results[0].cache_bytes <= 0.3 * results[0].full_cache_bytes
+    assert results[0].settings["unit"] == "word"
+
+
+def test_word_eviction_refuses_what_it_cannot_do(tiny_lm, prompt):
+    press = SnapKV(ratio=0.3, unit="word")
+    with pytest.raises(InputError, match="token_words"):
+        press.cache(tiny_lm.model)
+    with pytest.raises(InputError, match="hook cannot see"):
+        with press(tiny_lm.model):
+            pass
+    cache = press.cache(tiny_lm.model, words_of(N - 1))
+    with pytest.raises(InputError, match="words of 159 tokens; the prompt has 160"):
+        with torch.no_grad():
+            tiny_lm.model(prompt, cache=cache)
+    for options, match in (({"unit": "sentence"}, "unit must be one of token, word"),
+                           ({"unit_score": "sum"}, "unit_score must be one of max, mean")):
+        with pytest.raises(InputError, match=match):
+            build_press("pyramidkv", ratio=0.3, **options)
