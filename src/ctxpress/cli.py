@@ -20,6 +20,7 @@ from .guard import API_KEY_ENV, DEFAULT_MAX_QUEUE
 from .models import DEFAULT_MODEL, EMBEDDED_MODELS
 from .options import option_names, parse_options
 from .prompt.methods import DEFAULT_METHOD, METHODS
+from .proxy import DEFAULT_ROLES, DEFAULT_TIMEOUT, Policy, Upstream, parse_roles
 
 EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -73,6 +74,7 @@ def _number(cast: type, valid: Callable[[float], bool], rule: str) -> Callable[[
 _rate = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
 _positive_int = _number(int, lambda v: v >= 1, "a positive integer")
 _non_negative_int = _number(int, lambda v: v >= 0, "an integer of 0 or more")
+_positive_float = _number(float, lambda v: v > 0, "a positive number")
 
 
 class _Formatter(argparse.HelpFormatter):
@@ -225,6 +227,28 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-queue", type=_non_negative_int, default=DEFAULT_MAX_QUEUE, metavar="N",
                    help=f"requests that may wait for the model behind the one served; more get 429 with "
                         f"Retry-After (default {DEFAULT_MAX_QUEUE})")
+    proxy = v.add_argument_group(
+        "proxy", "with --upstream, chat and completions are forwarded to that OpenAI-compatible API after "
+        "long messages are compressed; a request's prompt_compression field overrides these per request")
+    proxy.add_argument("--upstream", metavar="URL",
+                       help="base URL of the upstream API, as the openai client takes it (http://host:8001/v1)")
+    proxy.add_argument("--upstream-key-env", default="OPENAI_API_KEY", metavar="NAME",
+                       help="environment variable holding the upstream's key (default OPENAI_API_KEY; unset: "
+                            "no Authorization header)")
+    proxy.add_argument("--upstream-timeout", type=_positive_float, default=DEFAULT_TIMEOUT, metavar="S",
+                       help=f"seconds to wait for the upstream between bytes (default {DEFAULT_TIMEOUT:g}); "
+                            "then 504")
+    proxy_budget = proxy.add_mutually_exclusive_group()
+    proxy_budget.add_argument("--rate", type=_rate, help="fraction of a long message's tokens kept (default 0.5)")
+    proxy_budget.add_argument("--target-tokens", type=_positive_int, metavar="N",
+                              help="tokens a compressed message keeps")
+    proxy.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS), metavar="METHOD",
+                       help=f"prompt compression method (default {DEFAULT_METHOD})")
+    _add_method_options(proxy)
+    proxy.add_argument("--compress-roles", type=parse_roles, default=DEFAULT_ROLES, metavar="LIST",
+                       help=f"roles whose messages are compressed (default {','.join(DEFAULT_ROLES)})")
+    proxy.add_argument("--min-tokens", type=_non_negative_int, default=256, metavar="N",
+                       help="messages of at most N tokens (a short question) are sent as they are (default 256)")
     _add_model_options(v)
     v.set_defaults(handler=cmd_serve)
 
@@ -335,9 +359,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CtxpressError(f"ctxpress serve needs {exc.name}: pip install 'ctxpress[serve]'") from None
     if args.api_key is not None and not args.api_key.strip():
         raise InputError(f"--api-key (or ${API_KEY_ENV}) is empty")
+    forwarding = {}
+    if args.upstream is not None:  # checked before the model loads
+        forwarding["upstream"] = Upstream(args.upstream, os.environ.get(args.upstream_key_env) or None,
+                                          args.upstream_timeout)
+        budget = {"target_tokens": args.target_tokens, "rate": None} if args.target_tokens else {
+            "rate": args.rate or 0.5}
+        forwarding["policy"] = Policy(**budget, method=args.method, options=parse_options(args.options),
+                                      roles=args.compress_roles, min_tokens=args.min_tokens)
+    elif args.rate or args.target_tokens or args.options or args.method != DEFAULT_METHOD:
+        raise InputError("--rate, --target-tokens, --method and --option configure the proxy: add --upstream URL "
+                         "(the local chat endpoint takes prompt_compression per request)")
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
     serve(lm, args.host, args.port, max_request_bytes=args.max_request_bytes, max_new_tokens=args.max_new_tokens,
-          api_key=args.api_key, max_queue=args.max_queue)
+          api_key=args.api_key, max_queue=args.max_queue, **forwarding)
     return 0
 
 

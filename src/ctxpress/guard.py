@@ -21,7 +21,7 @@ import json
 API_KEY_ENV = "CTXPRESS_API_KEY"  # where ``ctxpress serve`` reads the key by default
 DEFAULT_MAX_QUEUE = 32
 OPEN_PATHS = frozenset({"/healthz"})
-MODEL_PATHS = frozenset({"/v1/compress", "/v1/chat/completions"})
+MODEL_PATHS = frozenset({"/v1/compress", "/v1/chat/completions", "/v1/completions"})
 
 
 async def send_error(send, status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> None:

@@ -9,6 +9,8 @@
   press for this generation). ``usage`` reports the prompt tokens before and
   after compression.
 * ``GET /healthz``, ``GET /v1/models``; OpenAPI docs at ``/docs``.
+* With ``upstream``, chat and completions go to another OpenAI-compatible
+  API after compression instead (:mod:`ctxpress.proxy`).
 
 The model is loaded once; requests take turns on it (its lock), so
 concurrent clients queue instead of failing, up to ``max_queue`` waiting
@@ -43,6 +45,7 @@ from .kv import CompressedContext, KVPress, press_with_budget
 from .models import LoadedModel
 from .prompt import PromptCompressor
 from .prompt.methods import DEFAULT_METHOD, build_method
+from .proxy import Policy, Upstream, install
 
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
@@ -169,11 +172,15 @@ class ChatPlan:
 
 def create_app(lm: LoadedModel, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                max_new_tokens: int = 1024, api_key: str | None = None,
-               max_queue: int | None = DEFAULT_MAX_QUEUE) -> FastAPI:
+               max_queue: int | None = DEFAULT_MAX_QUEUE, upstream: Upstream | None = None,
+               policy: Policy | None = None) -> FastAPI:
     """The HTTP application around one loaded model.
 
     ``api_key``: required as ``Authorization: Bearer`` (None: open).
     ``max_queue``: requests that may wait behind the one served (None: no bound).
+    ``upstream``: forward chat and completions there after compressing long
+    messages under ``policy`` (:mod:`ctxpress.proxy`) instead of answering
+    with the local model.
     """
     app = FastAPI(title="ctxpress", version=__version__,
                   description="Prompt compression (DAC) and KV-cache compression (SpindleKV) for LLM inference.")
@@ -206,11 +213,7 @@ def create_app(lm: LoadedModel, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_
 
     @app.get("/healthz")
     def healthz() -> dict:
-        return {"status": "ok", "model": lm.name}
-
-    @app.get("/v1/models")
-    def models() -> dict:
-        return {"object": "list", "data": [{"id": lm.name, "object": "model", "owned_by": "ctxpress"}]}
+        return {"status": "ok", "model": lm.name, **({"upstream": upstream.url} if upstream else {})}
 
     @app.post("/v1/compress")
     def compress(body: CompressBody) -> dict:
@@ -219,6 +222,14 @@ def create_app(lm: LoadedModel, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_
         result = compressor.compress(body.context, method=method, question=body.question,
                                      instruction=body.instruction, force_tokens=body.force_tokens, **budget)
         return result.to_dict()
+
+    if upstream is not None:
+        install(app, compressor, upstream, policy or Policy())
+        return app
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        return {"object": "list", "data": [{"id": lm.name, "object": "model", "owned_by": "ctxpress"}]}
 
     def prepare(body: ChatBody) -> ChatPlan:
         """Compress long messages, tokenize the chat, pick the press and the token limit."""
