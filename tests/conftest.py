@@ -9,11 +9,6 @@ so they need no download and take milliseconds per forward pass. Tests marked
 from __future__ import annotations
 
 import os
-import socket
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -25,6 +20,7 @@ from transformers import DynamicCache
 
 from ctxpress.compat import with_cache
 from ctxpress.models import LoadedModel
+from ctxpress.server import serving
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.",
@@ -51,26 +47,7 @@ settings.register_profile("long", max_examples=400, deadline=None, suppress_heal
 settings.load_profile(os.environ.get("CTXPRESS_PROPERTIES", "fast"))
 
 
-@contextmanager
-def running_server(app) -> Iterator[str]:
-    """A real uvicorn server for ``app`` on a free loopback port; yields its base URL."""
-    import uvicorn
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.started, "server did not start"
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+running_server = serving  # real HTTP servers in the tests
 
 
 def make_tokenizer():

@@ -6,6 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ctxpress.chat import prompt_ids
+from ctxpress.compat import with_cache
 from ctxpress.errors import InputError
 from ctxpress.kv import PyramidKV, SnapKV, SpindleKV, StreamingLLM, answer_questions, build_press
 from ctxpress.kv.scores import by_unit
@@ -78,7 +79,7 @@ def test_word_eviction_keeps_what_the_ranking_says(lm, prompt, press_cls):
     press = press_cls(ratio=0.25, unit="word")
     cache = press.cache(lm.model, units)
     with torch.no_grad():
-        lm.model(prompt, cache=cache)
+        lm.model(prompt, **with_cache(lm.model, cache))
     dense, maps = reference_layers(lm.model, prompt)
     kv_heads = dense[0][0].shape[1]
     window = press.effective_window(N)
@@ -107,7 +108,7 @@ def test_word_eviction_keeps_what_the_ranking_says(lm, prompt, press_cls):
 def test_spindlekv_by_words_keeps_its_byte_budget(tiny_lm, prompt):
     cache = SpindleKV(ratio=0.3, unit="word").cache(tiny_lm.model, words_of(N))
     with torch.no_grad():
-        tiny_lm.model(prompt, cache=cache)
+        tiny_lm.model(prompt, **with_cache(tiny_lm.model, cache))
     assert cache.nbytes() <= 0.3 * cache.dense_nbytes()
 
 
@@ -122,13 +123,11 @@ def test_word_eviction_refuses_what_it_cannot_do(tiny_lm, prompt):
     press = SnapKV(ratio=0.3, unit="word")
     with pytest.raises(InputError, match="token_words"):
         press.cache(tiny_lm.model)
-    with pytest.raises(InputError, match="hook cannot see"):
-        with press(tiny_lm.model):
-            pass
+    with pytest.raises(InputError, match="hook cannot see"), press(tiny_lm.model):
+        pass
     cache = press.cache(tiny_lm.model, words_of(N - 1))
-    with pytest.raises(InputError, match="words of 159 tokens; the prompt has 160"):
-        with torch.no_grad():
-            tiny_lm.model(prompt, cache=cache)
+    with pytest.raises(InputError, match="words of 159 tokens; the prompt has 160"), torch.no_grad():
+        tiny_lm.model(prompt, **with_cache(tiny_lm.model, cache))
     for options, match in (({"unit": "sentence"}, "unit must be one of token, word"),
                            ({"unit_score": "sum"}, "unit_score must be one of max, mean")):
         with pytest.raises(InputError, match=match):

@@ -15,7 +15,9 @@ compresses what is long and passes everything else through untouched:
 * ``GET /v1/models``: the upstream's list.
 
 Text between ``<ctxpress:keep>`` and ``</ctxpress:keep>`` is never
-compressed; the tags are removed. A request's ``prompt_compression`` field
+compressed; the tags are removed. The last paragraph of the last user
+message (after its last blank line) is taken for the question and kept
+whole when it is at most ``min_tokens`` long. A request's ``prompt_compression`` field
 overrides the server's :class:`Policy` for that request (``{"rate": 1}`` or
 ``{"roles": []}`` turns it off). Upstream errors come back with the
 upstream's status and body; an upstream that does not answer in time is a
@@ -153,9 +155,15 @@ class Shrinker:
     def __init__(self, compressor: PromptCompressor) -> None:
         self.compressor = compressor
 
-    def text(self, text: str, policy: Policy, tally: Tally, eligible: bool) -> str:
-        """``text`` with its free parts compressed (if ``eligible`` and long enough) and keep tags removed."""
+    def text(self, text: str, policy: Policy, tally: Tally, eligible: bool, question: bool = False) -> str:
+        """``text`` with its free parts compressed (if ``eligible`` and long enough) and keep tags removed.
+
+        ``question``: the text ends with the question (the last user message):
+        its last paragraph is kept whole when it is at most ``min_tokens`` long.
+        """
         pieces = _split_kept(text)
+        if question:
+            pieces = self._question_kept(pieces, policy.min_tokens)
         plain = "".join(piece for piece, _ in pieces)
         count = self.compressor.count_tokens
         tokens = count(plain)
@@ -182,22 +190,39 @@ class Shrinker:
         tally.after += count(joined)
         return joined
 
+    def _question_kept(self, pieces: list[tuple[str, bool]], limit: int) -> list[tuple[str, bool]]:
+        """The last paragraph of the last free piece marked kept, if it is at most ``limit`` tokens."""
+        if not pieces or pieces[-1][1]:
+            return pieces
+        last = pieces[-1][0]
+        cut = last.rstrip().rfind("\n\n")
+        if cut < 0 or self.compressor.count_tokens(last[cut:]) > limit:
+            return pieces
+        return [*pieces[:-1], (last[:cut], False), (last[cut:], True)]
+
     def messages(self, messages: object, policy: Policy, tally: Tally) -> list:
-        """Chat messages with the policy applied; anything that is not text passes through."""
+        """Chat messages with the policy applied; anything that is not text passes through.
+
+        The last user message's final paragraph is taken for the question and kept whole.
+        """
         if not isinstance(messages, list) or not messages:
             raise InputError("messages must be a non-empty list")
+        if not all(isinstance(message, dict) for message in messages):
+            raise InputError("every message must be an object with a role")
+        users = [i for i, message in enumerate(messages) if message.get("role") == "user"]
         out = []
-        for message in messages:
-            if not isinstance(message, dict):
-                raise InputError("every message must be an object with a role")
-            eligible = message.get("role") in policy.roles
+        for i, message in enumerate(messages):
+            eligible, asks = message.get("role") in policy.roles, bool(users) and i == users[-1]
             content = message.get("content")
             if isinstance(content, str):
-                message = {**message, "content": self.text(content, policy, tally, eligible)}
+                message = {**message, "content": self.text(content, policy, tally, eligible, asks)}
             elif isinstance(content, list):
-                parts = [{**part, "text": self.text(part["text"], policy, tally, eligible)}
-                         if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
-                         else part for part in content]
+                texts = [j for j, part in enumerate(content) if isinstance(part, dict)
+                         and part.get("type") == "text" and isinstance(part.get("text"), str)]
+                parts = list(content)
+                for j in texts:
+                    parts[j] = {**parts[j], "text": self.text(parts[j]["text"], policy, tally, eligible,
+                                                              asks and j == texts[-1])}
                 message = {**message, "content": parts}
             out.append(message)
         return out

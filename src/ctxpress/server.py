@@ -22,10 +22,12 @@ body with a 4xx (the client's fault) or 500 status.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -336,3 +338,29 @@ def serve(lm: LoadedModel, host: str = "127.0.0.1", port: int = 8000, **options)
     import uvicorn
 
     uvicorn.run(create_app(lm, **options), host=host, port=port, log_level="info")
+
+
+@contextmanager
+def serving(app, host: str = "127.0.0.1") -> Iterator[str]:
+    """A real uvicorn server for ``app`` in a background thread on a free port; yields its base URL.
+
+    For tests and benchmarks that talk HTTP to an app in the same process.
+    """
+    import uvicorn
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    if not server.started:
+        raise CtxpressError(f"the server on {host}:{port} did not start within 30 s")
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
