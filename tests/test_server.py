@@ -1,6 +1,7 @@
 """ctxpress serve: a real server on loopback, driven over HTTP and with the openai client."""
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -171,3 +172,52 @@ def test_codebook_only_kv_compression_needs_no_budget(base_url):
     r = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["kv_cache_bytes"] > 0
+
+
+def test_time_limit_and_clients_that_leave(tiny_lm):
+    """A request past its time limit gets 504 (a stream ends as "length"); one whose client left while it
+    waited for the model frees its place in the queue and never runs."""
+    import threading
+
+    from ctxpress.server import create_app
+
+    body = {"messages": [{"role": "user", "content": "Tell me about prompt compression."}], "max_tokens": 8}
+    app = create_app(tiny_lm, request_timeout=0.5, max_queue=0)
+    with running_server(app) as url:
+        assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30).status_code == 200
+        release = threading.Event()
+
+        def hold() -> None:  # the model is busy elsewhere for two seconds
+            with tiny_lm.lock:
+                release.wait(2)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        try:
+            response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
+            assert response.status_code == 504 and "time limit of 0.5 s" in response.json()["error"]["message"]
+            response = httpx.post(f"{url}/v1/compress", json={"context": TEXT, "rate": 0.5}, timeout=30)
+            assert response.status_code == 504
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True},
+                              timeout=30) as streamed:
+                assert streamed.status_code == 504  # refused before the stream starts: it waited too long
+        finally:
+            release.set()
+            holder.join()
+
+    app = create_app(tiny_lm, request_timeout=None, max_queue=0)
+    with running_server(app) as url:
+        release = threading.Event()
+        holder = threading.Thread(target=lambda: tiny_lm.lock.acquire() and (release.wait(5), tiny_lm.lock.release()))
+        holder.start()
+        try:
+            with pytest.raises(httpx.ReadTimeout):  # the client gives up while the request waits
+                httpx.post(f"{url}/v1/chat/completions", json=body, timeout=0.5)
+            time.sleep(0.6)  # the server notices within a quarter of a second
+            with pytest.raises(httpx.ReadTimeout):  # its place is free: this one waits instead of a 429
+                httpx.post(f"{url}/v1/chat/completions", json=body, timeout=0.5)
+        finally:
+            release.set()
+            holder.join()
+        time.sleep(0.6)
+        assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30).status_code == 200

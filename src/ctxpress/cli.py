@@ -75,6 +75,7 @@ _rate = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
 _positive_int = _number(int, lambda v: v >= 1, "a positive integer")
 _non_negative_int = _number(int, lambda v: v >= 0, "an integer of 0 or more")
 _positive_float = _number(float, lambda v: v > 0, "a positive number")
+_non_negative_float = _number(float, lambda v: v >= 0, "a number of 0 or more")
 
 
 class _Formatter(argparse.HelpFormatter):
@@ -227,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-queue", type=_non_negative_int, default=DEFAULT_MAX_QUEUE, metavar="N",
                    help=f"requests that may wait for the model behind the one served; more get 429 with "
                         f"Retry-After (default {DEFAULT_MAX_QUEUE})")
+    v.add_argument("--request-timeout", type=_non_negative_float, default=300.0, metavar="S",
+                   help="seconds a request may take from arrival, waiting included, before it is answered 504 "
+                        "(a stream ends with finish_reason length); 0: no limit (default 300)")
     proxy = v.add_argument_group(
         "proxy", "with --upstream, chat and completions are forwarded to that OpenAI-compatible API after "
         "long messages are compressed; a request's prompt_compression field overrides these per request")
@@ -372,7 +376,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          "(the local chat endpoint takes prompt_compression per request)")
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
     serve(lm, args.host, args.port, max_request_bytes=args.max_request_bytes, max_new_tokens=args.max_new_tokens,
-          api_key=args.api_key, max_queue=args.max_queue, **forwarding)
+          api_key=args.api_key, max_queue=args.max_queue, request_timeout=args.request_timeout or None, **forwarding)
     return 0
 
 

@@ -21,6 +21,7 @@ body with a 4xx (the client's fault) or 500 status.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -36,6 +37,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
@@ -50,6 +52,7 @@ from .prompt.methods import DEFAULT_METHOD, build_method
 from .proxy import Policy, Upstream, install
 
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+DEFAULT_REQUEST_TIMEOUT = 300.0  # seconds from arrival, queueing included
 
 
 class CompressBody(BaseModel):
@@ -152,14 +155,70 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-class _Cancelled(StoppingCriteria):
-    """Stops generation when the client of a stream has gone away."""
+class RequestTimedOut(CtxpressError):
+    """A request ran past the server's time limit (answered 504)."""
 
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
+
+class ClientGone(Exception):
+    """The client disconnected: nobody is left to answer."""
+
+
+class Deadline:
+    """One request's time limit and its client's presence.
+
+    Waiting for the model gives up, and generation stops at the next token,
+    once the limit has passed or the client has gone; a forward pass already
+    running (prompt compression, prefill) finishes first.
+    """
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.end = None if seconds is None else time.monotonic() + seconds
+        self.gone = threading.Event()
+
+    def expired(self) -> bool:
+        return self.end is not None and time.monotonic() >= self.end
+
+    def over(self) -> bool:
+        return self.gone.is_set() or self.expired()
+
+    def check(self) -> None:
+        if self.gone.is_set():
+            raise ClientGone
+        if self.expired():
+            raise RequestTimedOut(f"the request ran past this server's time limit of {self.seconds:g} s")
+
+    @contextmanager
+    def holding(self, lock: threading.RLock) -> Iterator[None]:
+        """Hold ``lock`` (the model), giving up when the request is over."""
+        while not lock.acquire(timeout=0.1):
+            self.check()
+        try:
+            self.check()
+            yield
+        finally:
+            lock.release()
+
+
+class _Stop(StoppingCriteria):
+    """Stops generation when the request's deadline has passed or its client has gone."""
+
+    def __init__(self, deadline: Deadline) -> None:
+        self.deadline = deadline
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        return torch.full((input_ids.shape[0],), self.deadline.over(), dtype=torch.bool, device=input_ids.device)
+
+
+async def _watched(request: Request, deadline: Deadline, fn, *args):
+    """``fn(*args)`` on a worker thread; if the client disconnects meanwhile, the deadline learns it."""
+    work = asyncio.ensure_future(run_in_threadpool(fn, *args))
+    while True:
+        done, _ = await asyncio.wait({work}, timeout=0.25)
+        if done:
+            return work.result()
+        if not deadline.gone.is_set() and await request.is_disconnected():
+            deadline.gone.set()
 
 
 @dataclass
@@ -174,12 +233,16 @@ class ChatPlan:
 
 def create_app(lm: LoadedModel, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                max_new_tokens: int = 1024, api_key: str | None = None,
+               request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
                max_queue: int | None = DEFAULT_MAX_QUEUE, upstream: Upstream | None = None,
                policy: Policy | None = None) -> FastAPI:
     """The HTTP application around one loaded model.
 
     ``api_key``: required as ``Authorization: Bearer`` (None: open).
     ``max_queue``: requests that may wait behind the one served (None: no bound).
+    ``request_timeout``: seconds from arrival, queueing included, before a
+    request is answered 504 (a stream ends with ``finish_reason`` ``length``);
+    None: no limit.
     ``upstream``: forward chat and completions there after compressing long
     messages under ``policy`` (:mod:`ctxpress.proxy`) instead of answering
     with the local model.
@@ -205,6 +268,14 @@ def create_app(lm: LoadedModel, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_
     async def user_error(request: Request, exc: CtxpressError) -> JSONResponse:
         return _error(400, str(exc))
 
+    @app.exception_handler(RequestTimedOut)
+    async def timed_out(request: Request, exc: RequestTimedOut) -> JSONResponse:
+        return _error(504, str(exc), "timeout")
+
+    @app.exception_handler(ClientGone)
+    async def gone(request: Request, exc: ClientGone) -> JSONResponse:
+        return _error(499, "the client closed the connection", "client_closed")  # read by nobody; logged
+
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return _error(exc.status_code, str(exc.detail), "not_found" if exc.status_code == 404 else "http_error")
@@ -218,12 +289,18 @@ def create_app(lm: LoadedModel, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_
         return {"status": "ok", "model": lm.name, **({"upstream": upstream.url} if upstream else {})}
 
     @app.post("/v1/compress")
-    def compress(body: CompressBody) -> dict:
+    async def compress(body: CompressBody, request: Request) -> dict:
+        deadline = Deadline(request_timeout)
         budget = {"rate": body.rate, "target_tokens": body.target_tokens}
         method = build_method(body.method, **body.options)  # any option name: an InputError, not a TypeError
-        result = compressor.compress(body.context, method=method, question=body.question,
-                                     instruction=body.instruction, force_tokens=body.force_tokens, **budget)
-        return result.to_dict()
+
+        def work() -> dict:
+            with deadline.holding(lm.lock):
+                return compressor.compress(body.context, method=method, question=body.question,
+                                           instruction=body.instruction, force_tokens=body.force_tokens,
+                                           **budget).to_dict()
+
+        return await _watched(request, deadline, work)
 
     if upstream is not None:
         install(app, compressor, upstream, policy or Policy())
@@ -262,22 +339,22 @@ def create_app(lm: LoadedModel, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_
                 "prompt_tokens_before_compression": int(plan.tokens_before),
                 "kv_cache_bytes": ctx.cache_bytes, "kv_full_cache_bytes": ctx.full_cache_bytes}
 
-    def answer(body: ChatBody, plan: ChatPlan, **generate_options) -> tuple[CompressedContext, torch.Tensor]:
+    def answer(body: ChatBody, plan: ChatPlan, deadline: Deadline,
+               streamer=None) -> tuple[CompressedContext, torch.Tensor]:
         """Prefill all but the prompt's last token into the planned cache, then generate (model lock held)."""
-        with lm.lock:
+        with deadline.holding(lm.lock):
             ctx = CompressedContext(lm, plan.ids[:, :-1], plan.press)
-            new, _ = ctx.generate(plan.ids[:, -1:], plan.limit, temperature=body.temperature,
-                                  top_p=body.top_p, **generate_options)
+            new, _ = ctx.generate(plan.ids[:, -1:], plan.limit, temperature=body.temperature, top_p=body.top_p,
+                                  streamer=streamer, stopping=StoppingCriteriaList([_Stop(deadline)]))
         return ctx, new
 
-    @app.post("/v1/chat/completions")
-    def chat(body: ChatBody):
-        plan = prepare(body)
-        created, ident = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
-        name = body.model or lm.name
-        if body.stream:
-            return StreamingResponse(stream(body, plan, ident, created, name), media_type="text/event-stream")
-        ctx, new = answer(body, plan)
+    def planned(body: ChatBody, deadline: Deadline) -> ChatPlan:
+        with deadline.holding(lm.lock):  # prompt compression runs on the model too
+            return prepare(body)
+
+    def respond(body: ChatBody, plan: ChatPlan, deadline: Deadline, ident: str, created: int, name: str) -> dict:
+        ctx, new = answer(body, plan, deadline)
+        deadline.check()  # an answer cut by the time limit is an error, not a short answer
         return {
             "id": ident, "object": "chat.completion", "created": created, "model": name,
             "choices": [{"index": 0, "message": {"role": "assistant",
@@ -286,15 +363,25 @@ def create_app(lm: LoadedModel, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_
             "usage": usage(plan, ctx, len(new)),
         }
 
-    def stream(body: ChatBody, plan: ChatPlan, ident: str, created: int, name: str) -> Iterator[str]:
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatBody, request: Request):
+        deadline = Deadline(request_timeout)
+        plan = await _watched(request, deadline, planned, body, deadline)
+        created, ident = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
+        name = body.model or lm.name
+        if body.stream:
+            return StreamingResponse(stream(body, plan, deadline, ident, created, name),
+                                     media_type="text/event-stream")
+        return await _watched(request, deadline, respond, body, plan, deadline, ident, created, name)
+
+    def stream(body: ChatBody, plan: ChatPlan, deadline: Deadline, ident: str, created: int,
+               name: str) -> Iterator[str]:
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-        cancelled = threading.Event()
         outcome: dict = {}
 
         def work() -> None:
             try:
-                outcome["ctx"], outcome["new"] = answer(
-                    body, plan, streamer=streamer, stopping=StoppingCriteriaList([_Cancelled(cancelled)]))
+                outcome["ctx"], outcome["new"] = answer(body, plan, deadline, streamer=streamer)
             except Exception as exc:  # reported to the client as a final error event
                 outcome["error"] = exc
                 streamer.end()
@@ -315,15 +402,15 @@ def create_app(lm: LoadedModel, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_
             if "error" in outcome:
                 yield f"data: {json.dumps({'error': {'message': str(outcome['error']), 'type': 'server_error'}})}\n\n"
             else:
-                new = outcome["new"]
-                yield chunk({}, _finish(tokenizer, new, plan.limit))
+                new = outcome["new"]  # cut by the time limit: the stream still ends cleanly, as "length"
+                yield chunk({}, "length" if deadline.expired() else _finish(tokenizer, new, plan.limit))
                 if (body.stream_options or {}).get("include_usage"):
                     payload = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": name,
                                "choices": [], "usage": usage(plan, outcome["ctx"], len(new))}
                     yield f"data: {json.dumps(payload)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
-            cancelled.set()  # a client that left stops the generation at the next token
+            deadline.gone.set()  # a client that left stops the generation at the next token
 
     return app
 
