@@ -15,6 +15,7 @@ from itertools import pairwise
 import torch
 
 MAX_WORD_TOKENS = 32  # longer "words" (hashes, base64) are cut, so budgets stay reachable
+PUNCTUATION = ("own", "attached")  # a trailing punctuation mark: a unit of its own, or part of its word
 
 
 def decode_ids(tokenizer, ids) -> str:
@@ -49,16 +50,22 @@ def _is_wide(text: str) -> bool:
     return any(unicodedata.east_asian_width(ch) in "WF" for ch in text)
 
 
-def word_starts(texts: Sequence[str], sizes: Sequence[int]) -> list[int]:
+def word_starts(texts: Sequence[str], sizes: Sequence[int], punctuation: str = "own") -> list[int]:
     """Which character units (given their texts and token counts) begin a word unit.
 
     A word is a run of non-space text with the whitespace before it (so
     dropping a word never glues its neighbours), its leading punctuation
     included ("(foo", "well-known", "1984" spelled digit by digit). Trailing
-    punctuation marks (",", ").") are units of their own, and so is every
-    character of a script without spaces. A word longer than
-    ``MAX_WORD_TOKENS`` tokens is cut, so that budgets stay reachable.
+    punctuation marks (",", ").") are units of their own (``punctuation="own"``:
+    a compressed text may drop a comma and keep its word) or end the word
+    before them (``"attached"``: "4992383." stays one unit, so whoever keeps
+    the number also sees where it ends). Every character of a script without
+    spaces is a word of its own. A word longer than ``MAX_WORD_TOKENS``
+    tokens is cut, so that budgets stay reachable.
     """
+    if punctuation not in PUNCTUATION:
+        raise ValueError(f"punctuation must be one of {', '.join(PUNCTUATION)}, got {punctuation!r}")
+    own = punctuation == "own"
     n = len(texts)
     # trailing[u]: u is punctuation and only punctuation follows it before the next space or the end
     trailing = [False] * n
@@ -73,7 +80,7 @@ def word_starts(texts: Sequence[str], sizes: Sequence[int]) -> list[int]:
         elif _is_space(prev):
             new = False  # whitespace belongs to the word after it
         else:
-            new = (text[:1].isspace() or prev[-1:].isspace() or trailing[u] or trailing[u - 1]
+            new = (text[:1].isspace() or prev[-1:].isspace() or (own and (trailing[u] or trailing[u - 1]))
                    or _is_wide(text) or _is_wide(prev) or length + size > MAX_WORD_TOKENS)
         if new:
             starts.append(u)
@@ -82,7 +89,7 @@ def word_starts(texts: Sequence[str], sizes: Sequence[int]) -> list[int]:
     return starts
 
 
-def token_words(tokenizer, ids: Sequence[int]) -> torch.Tensor:
+def token_words(tokenizer, ids: Sequence[int], punctuation: str = "own") -> torch.Tensor:
     """Word index of every token of ``ids`` (long, ascending from 0), special tokens included.
 
     Tokens that spell one character together come first (decoding), then
@@ -94,6 +101,6 @@ def token_words(tokenizer, ids: Sequence[int]) -> torch.Tensor:
     bounds = [*chars, len(ids)]
     texts = [decode_ids(tokenizer, ids[a:b]) for a, b in pairwise(bounds)]
     words = torch.zeros(len(ids), dtype=torch.long)
-    for w in word_starts(texts, [b - a for a, b in pairwise(bounds)])[1:]:
+    for w in word_starts(texts, [b - a for a, b in pairwise(bounds)], punctuation)[1:]:
         words[chars[w]:] += 1
     return words

@@ -173,7 +173,7 @@ class CompressedCache(DynamicCache):
 
     def __init__(self, press: Press, model: torch.nn.Module, units: torch.Tensor | None = None) -> None:
         super().__init__(config=model.config)
-        if press.needs_words() and units is None:
+        if press.needs_words() is not None and units is None:
             raise InputError(f"{press.name} with unit=word needs the word of every prompt token: pass "
                              "units=ctxpress.words.token_words(tokenizer, ids)")
         self.state = new_state(press, model)

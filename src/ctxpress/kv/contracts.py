@@ -112,10 +112,11 @@ class Press(ABC):
         budget only where this is true.
         """
 
-    def needs_words(self) -> bool:
-        """Whether :meth:`compress` reads ``layer.units``: the cache's owner, who knows the token
-        ids, must then give the word of every prompt token (:func:`ctxpress.words.token_words`)."""
-        return False
+    def needs_words(self) -> str | None:
+        """None, or how :meth:`compress` wants ``layer.units`` made: the cache's owner, who knows the
+        token ids, must then give the word of every prompt token, ``token_words(tokenizer, ids, punctuation)``
+        with the returned ``punctuation`` (:func:`ctxpress.words.token_words`)."""
+        return None
 
     @abstractmethod
     def score(self, query: torch.Tensor, key: torch.Tensor, scaling: float,

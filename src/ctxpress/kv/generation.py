@@ -80,7 +80,8 @@ class CompressedContext:
     def __init__(self, lm: LoadedModel, prefix_ids: torch.Tensor, press: KVPress) -> None:
         self.lm, self.press = lm, press
         self.prefix_ids = prefix_ids.to(lm.device)
-        units = token_words(lm.tokenizer, self.prefix_ids[0].tolist()) if press.needs_words() else None
+        punctuation = press.needs_words()
+        units = None if punctuation is None else token_words(lm.tokenizer, self.prefix_ids[0].tolist(), punctuation)
         self.cache = press.cache(lm.model, units)
         start = time.perf_counter()
         with torch.no_grad():

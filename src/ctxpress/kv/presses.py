@@ -33,6 +33,7 @@ from ..attention import ATTN_IMPLEMENTATION, attention_implementation, register
 from ..compat import cache_from_kwargs
 from ..errors import InputError
 from ..options import Configurable
+from ..words import PUNCTUATION
 from .budget import pyramid_keep, uniform_keep
 from .cache import CompressedCache, PressState, convert_cache, new_state
 from .contracts import PrefilledLayer, Press
@@ -95,7 +96,7 @@ class KVPress(Configurable, Press):
     @contextmanager
     def __call__(self, model: torch.nn.Module) -> Iterator[KVPress]:
         """Compress every cache the model fills inside the block (from its first token)."""
-        if self.needs_words():
+        if self.needs_words() is not None:
             raise InputError(f"{self.name} with unit=word needs the prompt's words, which a model hook "
                              "cannot see: use press.cache(model, units=token_words(tokenizer, ids))")
         register()
@@ -142,12 +143,14 @@ class EvictionPress(KVPress):
     (default 32): the most recent prompt tokens, always kept; ``unit``
     (``token`` or ``word``): with ``word`` a head keeps or evicts whole words
     (a number, a name), ranked by ``unit_score`` (``max`` or ``mean`` of
-    their tokens' scores), at most one word per head cut by the budget.
+    their tokens' scores), at most one word per head cut by the budget;
+    ``punctuation`` (``own`` or ``attached``, see :func:`ctxpress.words.word_starts`).
     """
 
     window: int = 32
     unit: str = "token"
     unit_score: str = "max"
+    punctuation: str = "own"
     needs_budget: ClassVar[bool] = True
 
     def validate(self) -> None:
@@ -156,12 +159,15 @@ class EvictionPress(KVPress):
             raise InputError(f"{self.name}: window must be >= 0 tokens, got {self.window}")
         if self.unit not in UNITS:
             raise InputError(f"{self.name}: unit must be one of {', '.join(UNITS)}, got {self.unit!r}")
+        if self.punctuation not in PUNCTUATION:
+            raise InputError(f"{self.name}: punctuation must be one of {', '.join(PUNCTUATION)}, "
+                             f"got {self.punctuation!r}")
         if self.unit_score not in UNIT_SCORES:
             raise InputError(f"{self.name}: unit_score must be one of {', '.join(UNIT_SCORES)}, "
                              f"got {self.unit_score!r}")
 
-    def needs_words(self) -> bool:
-        return self.unit == "word"
+    def needs_words(self) -> str | None:
+        return self.punctuation if self.unit == "word" else None
 
     def ranked(self, scores: torch.Tensor, layer: PrefilledLayer) -> torch.Tensor:
         """The layer's scores in the order tokens are kept: by whole word under ``unit="word"``."""
