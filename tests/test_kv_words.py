@@ -9,6 +9,7 @@ from ctxpress.chat import prompt_ids
 from ctxpress.compat import with_cache
 from ctxpress.errors import InputError
 from ctxpress.kv import PyramidKV, SnapKV, SpindleKV, StreamingLLM, answer_questions, build_press
+from ctxpress.kv.lowbit import QuantizedStore
 from ctxpress.kv.scores import by_unit
 from ctxpress.words import token_words
 
@@ -132,3 +133,27 @@ def test_word_eviction_refuses_what_it_cannot_do(tiny_lm, prompt):
                            ({"unit_score": "sum"}, "unit_score must be one of max, mean")):
         with pytest.raises(InputError, match=match):
             build_press("pyramidkv", ratio=0.3, **options)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_eviction_in_fewer_bits_keeps_more_tokens_in_the_same_bytes(lm, prompt, bits):
+    dense = SnapKV(ratio=0.3).cache(lm.model)
+    quantized = SnapKV(ratio=0.3, bits=bits).cache(lm.model)
+    for cache in (dense, quantized):
+        with torch.no_grad():
+            out = lm.model(prompt, **with_cache(lm.model, cache))
+            lm.model(out.logits[:, -1:].argmax(-1), **with_cache(lm.model, cache))  # a decoding step
+    assert quantized.nbytes() <= 0.3 * quantized.dense_nbytes()
+    assert all(isinstance(layer.store, QuantizedStore) for layer in quantized.layers)
+    kept_dense = sum(len(layer.store) for layer in dense.layers)
+    kept_quantized = sum(len(layer.store) for layer in quantized.layers)
+    assert kept_quantized > (1.8 if bits == 8 else 2.5) * kept_dense * 0.95  # a byte buys ~2.2x / ~3.7x tokens
+
+
+def test_bits_are_checked():
+    for options, match in (({"bits": 3}, "bits must be one of 8, 4, 2"), ({"bits": 4, "group": 0}, "group")):
+        with pytest.raises(InputError, match=match):
+            build_press("snapkv", ratio=0.3, **options)
+    with pytest.raises(InputError, match="plain eviction only"):
+        build_press("spindlekv", ratio=0.3, bits=4)
+    assert build_press("spindlekv", ratio=0.3, bits=4, per_head=False, codebook=False).bits == 4

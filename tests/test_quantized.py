@@ -6,7 +6,7 @@ import torch
 from ctxpress.compat import with_cache
 from ctxpress.errors import InputError
 from ctxpress.kv import PRESSES, QuantizedKV, build_press, press_with_budget
-from ctxpress.kv.quantized import Quantized, QuantizedStore, _pack, _unpack, quantized_nbytes
+from ctxpress.kv.lowbit import Quantized, QuantizedStore, _pack, _unpack, quantized_nbytes
 
 from conftest import N, compressed, greedy, reference_layers
 

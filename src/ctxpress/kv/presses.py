@@ -36,7 +36,8 @@ from ..options import Configurable
 from ..words import PUNCTUATION
 from .budget import pyramid_keep, uniform_keep
 from .cache import CompressedCache, PressState, convert_cache, new_state
-from .contracts import PrefilledLayer, Press
+from .contracts import PrefilledLayer, Press, Store
+from .lowbit import BITS, QuantizedStore, quantized_nbytes
 from .scores import NORMALIZE, UNIT_SCORES, UNITS, by_unit, group_mean, pool, window_scores
 from .store import DenseStore
 
@@ -145,12 +146,17 @@ class EvictionPress(KVPress):
     (a number, a name), ranked by ``unit_score`` (``max`` or ``mean`` of
     their tokens' scores), at most one word per head cut by the budget;
     ``punctuation`` (``own`` or ``attached``, see :func:`ctxpress.words.word_starts`).
+    ``bits`` (8, 4 or 2; default none): store the kept tokens in that many
+    bits (:mod:`ctxpress.kv.lowbit`, ``group`` tokens per key group), so a
+    byte ``ratio`` keeps more tokens: eviction and quantization together.
     """
 
     window: int = 32
     unit: str = "token"
     unit_score: str = "max"
     punctuation: str = "own"
+    bits: int | None = None
+    group: int = 64
     needs_budget: ClassVar[bool] = True
 
     def validate(self) -> None:
@@ -162,6 +168,10 @@ class EvictionPress(KVPress):
         if self.punctuation not in PUNCTUATION:
             raise InputError(f"{self.name}: punctuation must be one of {', '.join(PUNCTUATION)}, "
                              f"got {self.punctuation!r}")
+        if self.bits is not None and self.bits not in BITS:
+            raise InputError(f"{self.name}: bits must be one of {', '.join(map(str, BITS))}, got {self.bits}")
+        if self.group < 1:
+            raise InputError(f"{self.name}: group must be >= 1 token, got {self.group}")
         if self.unit_score not in UNIT_SCORES:
             raise InputError(f"{self.name}: unit_score must be one of {', '.join(UNIT_SCORES)}, "
                              f"got {self.unit_score!r}")
@@ -192,13 +202,39 @@ class EvictionPress(KVPress):
     def effective_window(self, n: int) -> int:
         return max(0, min(self.window, self.mean_keep(n) - 1, n))
 
+    def stored(self, keys: torch.Tensor, values: torch.Tensor) -> Store:
+        """The store of the kept tokens: dense, or in ``bits`` bits."""
+        return DenseStore(keys, values) if self.bits is None else QuantizedStore(keys, values, self.bits, self.group)
+
+    def counts_in_bytes(self, layers: Sequence[PrefilledLayer]) -> list[int]:
+        """Per-layer keep counts with the largest mean whose ``bits``-bit bytes fit ``ratio``."""
+        n, shapes = layers[0].seen, [layer.keys.shape for layer in layers]
+        target = self.ratio * sum(2 * math.prod(shape) * layer.keys.element_size()
+                                  for shape, layer in zip(shapes, layers))
+
+        def size(mean: int) -> tuple[list[int], int]:
+            counts = self.counts_for_mean(n, mean, len(layers))
+            return counts, sum(quantized_nbytes(s[0], s[1], c, s[3], self.bits, self.group)
+                               for s, c in zip(shapes, counts))
+
+        if size(1)[1] > target:
+            raise InputError(f"{self.name}: ratio {self.ratio:g} is below one {self.bits}-bit token per head and "
+                             "layer; use a larger ratio")
+        lo, hi = 1, n
+        while lo < hi:  # the largest mean that fits
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if size(mid)[1] <= target else (lo, mid - 1)
+        return size(lo)[0]
+
     def compress(self, layers: Sequence[PrefilledLayer], model: torch.nn.Module) -> None:
         n = layers[0].seen
         window = self.effective_window(n)
-        for layer, keep in zip(layers, self.keep_counts(n, len(layers))):
+        by_bytes = self.bits is not None and self.ratio is not None
+        counts = self.counts_in_bytes(layers) if by_bytes else self.keep_counts(n, len(layers))
+        for layer, keep in zip(layers, counts):
             keys, values = layer.keys, layer.values
             if keep >= n:
-                layer.compress_to(DenseStore(keys, values))
+                layer.compress_to(self.stored(keys, values))
                 continue
             scores = layer.scores
             if scores.shape[1] != keys.shape[1]:
@@ -208,7 +244,7 @@ class EvictionPress(KVPress):
                 scores[..., n - window :] = float("inf")  # the recent window is always kept
             idx = scores.topk(keep, dim=-1).indices.sort(dim=-1).values
             gather = idx[..., None].expand(-1, -1, -1, keys.shape[-1])
-            layer.compress_to(DenseStore(keys.gather(2, gather), values.gather(2, gather)))
+            layer.compress_to(self.stored(keys.gather(2, gather), values.gather(2, gather)))
 
 
 @dataclass

@@ -1,0 +1,120 @@
+"""Low-bit storage of kept keys and values (KIVI-style), for any press.
+
+As KIVI (Liu et al., ICML 2024) observes, keys have outlier channels and
+values do not: keys are quantized per channel over groups of ``group``
+tokens, values per token over the head dimension, both asymmetric (a
+minimum and a step per group, in float16). Tokens generated after the
+prefill wait in a small dense tail until a full group of them can be
+quantized together. Bytes are counted exactly: codes, steps, minimums and
+tail.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .contracts import Store
+
+BITS = (8, 4, 2)  # most bits first: a ratio gets the most that fit
+STATS = torch.float16
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes in [0, 2**bits) along the last dimension, ``8 // bits`` to a byte."""
+    per = 8 // bits
+    grouped = codes.view(*codes.shape[:-1], -1, per).to(torch.uint8)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+    return (grouped << shifts).sum(dim=-1, dtype=torch.uint8)
+
+
+def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    return ((packed[..., None] >> shifts) & (2**bits - 1)).flatten(-2)
+
+
+@dataclass
+class Quantized:
+    """Asymmetric uniform codes of a tensor, with a minimum and a step per group along ``dim``."""
+
+    codes: torch.Tensor  # packed uint8
+    low: torch.Tensor  # float16, reduced over dim
+    step: torch.Tensor
+
+    @classmethod
+    def of(cls, x: torch.Tensor, bits: int, dim: int) -> Quantized:
+        low, high = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+        low, step = low.to(STATS), ((high - low) / (2**bits - 1)).to(STATS)
+        codes = ((x - low.to(x.dtype)) / step.to(x.dtype).clamp_min(1e-8)).round_().clamp_(0, 2**bits - 1)
+        return cls(_pack(codes.to(torch.uint8), bits), low, step)
+
+    def values(self, bits: int, dtype: torch.dtype) -> torch.Tensor:
+        return _unpack(self.codes, bits).to(dtype) * self.step.to(dtype) + self.low.to(dtype)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.low, self.step))
+
+
+class QuantizedStore(Store):
+    """Keys per channel over token groups, values per token; a dense tail for tokens still to quantize."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, bits: int, group: int) -> None:
+        self.bits, self.group, self.dtype = bits, group, keys.dtype
+        self.key_blocks: list[Quantized] = []  # (b, kv_heads, <= group tokens, d) each
+        self.value_blocks: list[Quantized] = []
+        self.tail_keys, self.tail_values = keys[..., :0, :], values[..., :0, :]
+        self.length = 0
+        self._quantize(keys, values)
+
+    def _quantize(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        for start in range(0, keys.shape[-2], self.group):
+            block = slice(start, start + self.group)
+            self.key_blocks.append(Quantized.of(keys[..., block, :], self.bits, dim=-2))  # per channel
+            self.value_blocks.append(Quantized.of(values[..., block, :], self.bits, dim=-1))  # per token
+        self.length += keys.shape[-2]
+
+    def __len__(self) -> int:
+        return self.length + self.tail_keys.shape[-2]
+
+    @property
+    def batch(self) -> int:
+        return self.tail_keys.shape[0]
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, position: int) -> None:
+        self.tail_keys = torch.cat([self.tail_keys, keys], dim=-2)
+        self.tail_values = torch.cat([self.tail_values, values], dim=-2)
+        if self.tail_keys.shape[-2] >= self.group:
+            full = self.tail_keys.shape[-2] // self.group * self.group
+            self._quantize(self.tail_keys[..., :full, :], self.tail_values[..., :full, :])
+            self.tail_keys, self.tail_values = self.tail_keys[..., full:, :], self.tail_values[..., full:, :]
+
+    def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = [b.values(self.bits, self.dtype) for b in self.key_blocks] + [self.tail_keys]
+        values = [b.values(self.bits, self.dtype) for b in self.value_blocks] + [self.tail_values]
+        return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t.index_select(0, beam_idx.to(t.device))
+
+        for block in (*self.key_blocks, *self.value_blocks):
+            block.codes, block.low, block.step = pick(block.codes), pick(block.low), pick(block.step)
+        self.tail_keys, self.tail_values = pick(self.tail_keys), pick(self.tail_values)
+
+    def nbytes(self) -> int:
+        tail = sum(t.numel() * t.element_size() for t in (self.tail_keys, self.tail_values))
+        return sum(b.nbytes() for b in (*self.key_blocks, *self.value_blocks)) + tail
+
+
+def quantized_nbytes(batch: int, kv_heads: int, n: int, dim: int, bits: int, group: int) -> int:
+    """Bytes of a :class:`QuantizedStore` of ``n`` prompt tokens (one layer), without building it."""
+    stat = torch.finfo(STATS).bits // 8
+    codes = 2 * batch * kv_heads * n * dim * bits // 8
+    key_stats = 2 * batch * kv_heads * math.ceil(n / group) * dim * stat
+    value_stats = 2 * batch * kv_heads * n * stat
+    return codes + key_stats + value_stats
+
+
+__all__ = ["BITS", "Quantized", "QuantizedStore", "quantized_nbytes"]
