@@ -41,7 +41,7 @@ def test_store_counts_its_bytes_and_decodes_through_the_tail(tiny_lm, prompt, bi
         for t in range(40):
             tiny_lm.model(prompt[:, t : t + 1], **with_cache(tiny_lm.model, cache))
     store = cache.layers[0].store
-    assert len(store) == N + 40 and store.tail_keys.shape[-2] == 8
+    assert len(store) == N + 40 and len(store.tail) == 8
     assert len(store.key_blocks) == -(-N // 32) + 1
 
 

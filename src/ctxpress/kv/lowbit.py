@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .contracts import Store
+from .store import DenseStore
 
 BITS = (8, 4, 2)  # most bits first: a ratio gets the most that fit
 STATS = torch.float16
@@ -64,7 +65,7 @@ class QuantizedStore(Store):
         self.bits, self.group, self.dtype = bits, group, keys.dtype
         self.key_blocks: list[Quantized] = []  # (b, kv_heads, <= group tokens, d) each
         self.value_blocks: list[Quantized] = []
-        self.tail_keys, self.tail_values = keys[..., :0, :], values[..., :0, :]
+        self.tail = DenseStore(keys[..., :0, :], values[..., :0, :])  # tokens waiting for a full group
         self.length = 0
         self._quantize(keys, values)
 
@@ -76,23 +77,23 @@ class QuantizedStore(Store):
         self.length += keys.shape[-2]
 
     def __len__(self) -> int:
-        return self.length + self.tail_keys.shape[-2]
+        return self.length + len(self.tail)
 
     @property
     def batch(self) -> int:
-        return self.tail_keys.shape[0]
+        return self.tail.batch
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, position: int) -> None:
-        self.tail_keys = torch.cat([self.tail_keys, keys], dim=-2)
-        self.tail_values = torch.cat([self.tail_values, values], dim=-2)
-        if self.tail_keys.shape[-2] >= self.group:
-            full = self.tail_keys.shape[-2] // self.group * self.group
-            self._quantize(self.tail_keys[..., :full, :], self.tail_values[..., :full, :])
-            self.tail_keys, self.tail_values = self.tail_keys[..., full:, :], self.tail_values[..., full:, :]
+        self.tail.append(keys, values, position)
+        if len(self.tail) >= self.group:
+            full = len(self.tail) // self.group * self.group
+            keys, values = self.tail.keys, self.tail.values
+            self._quantize(keys[..., :full, :], values[..., :full, :])
+            self.tail = DenseStore(keys[..., full:, :], values[..., full:, :])
 
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = [b.values(self.bits, self.dtype) for b in self.key_blocks] + [self.tail_keys]
-        values = [b.values(self.bits, self.dtype) for b in self.value_blocks] + [self.tail_values]
+        keys = [b.values(self.bits, self.dtype) for b in self.key_blocks] + [self.tail.keys]
+        values = [b.values(self.bits, self.dtype) for b in self.value_blocks] + [self.tail.values]
         return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
 
     def reorder(self, beam_idx: torch.Tensor) -> None:
@@ -101,11 +102,10 @@ class QuantizedStore(Store):
 
         for block in (*self.key_blocks, *self.value_blocks):
             block.codes, block.low, block.step = pick(block.codes), pick(block.low), pick(block.step)
-        self.tail_keys, self.tail_values = pick(self.tail_keys), pick(self.tail_values)
+        self.tail.reorder(beam_idx)
 
     def nbytes(self) -> int:
-        tail = sum(t.numel() * t.element_size() for t in (self.tail_keys, self.tail_values))
-        return sum(b.nbytes() for b in (*self.key_blocks, *self.value_blocks)) + tail
+        return sum(b.nbytes() for b in (*self.key_blocks, *self.value_blocks)) + self.tail.nbytes()
 
 
 def quantized_nbytes(batch: int, kv_heads: int, n: int, dim: int, bits: int, group: int) -> int:
