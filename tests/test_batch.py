@@ -85,13 +85,16 @@ def test_cli_batch(tmp_path, corpus, tiny_model_dir, capsys):
     assert code == 2 and "no such file" in capsys.readouterr().err
 
 
-def test_sigkill_mid_run_then_resume_writes_every_line_exactly_once(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_sigkill_mid_run_then_resume_writes_every_line_exactly_once(tmp_path, tiny_model_dir, engine):
     """A real SIGKILL of ``ctxpress batch``, a torn last line, a second run: nothing lost or doubled."""
+    if engine == "ray":
+        pytest.importorskip("ray")
     lines = 600
     source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     source.write_text("".join(json.dumps({"id": f"n{i}", "text": TEXT}) + "\n" for i in range(lines)))
     cmd = [sys.executable, "-m", "ctxpress.cli", "batch", str(source), str(target), "--field", "text",
-           "--rate", "0.5", "--method", "entropy", "--model", tiny_model_dir, "--no-progress"]
+           "--rate", "0.5", "--method", "entropy", "--model", tiny_model_dir, "--no-progress", "--engine", engine]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 600

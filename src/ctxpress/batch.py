@@ -127,7 +127,7 @@ def run(job: BatchJob, progress: bool | None = None) -> int:
     pending = _lines(source, done)
     written = 0
     with target.open("a", encoding="utf-8") as sink, progress_bar(total - done, progress, "batch", "line") as bar:
-        for line in _results(job, pending):
+        for line in _results(job, pending, progress):
             sink.write(line + "\n")
             sink.flush()
             written += 1
@@ -135,9 +135,9 @@ def run(job: BatchJob, progress: bool | None = None) -> int:
     return written
 
 
-def _results(job: BatchJob, pending: Iterator[tuple[int, str]]) -> Iterator[str]:
+def _results(job: BatchJob, pending: Iterator[tuple[int, str]], progress: bool | None) -> Iterator[str]:
     if job.engine == "ray":
-        yield from _ray_results(job, pending)
+        yield from _ray_results(job, pending, progress)
     elif job.workers == 1:
         worker = LineCompressor(job)
         for number, raw in pending:
@@ -155,11 +155,32 @@ class _RayLineWorker:
     def __init__(self, spec: dict) -> None:
         self.compress = LineCompressor(BatchJob(**spec))
 
+    def ready(self) -> bool:
+        """Answered once the model is loaded: the driver shows start-up progress with it."""
+        return True
+
     def run(self, number: int, raw: str) -> str:
         return self.compress(number, raw)
 
 
-def _ray_results(job: BatchJob, pending: Iterator[tuple[int, str]]) -> Iterator[str]:
+def _started(actors: list, progress: bool | None) -> None:
+    """Wait until every actor has loaded its model, with a bar: on a busy machine this can take minutes
+    (Ray's workers run at a lower priority than the driver), and a worker that cannot load fails here."""
+    import ray
+
+    waiting = [actor.ready.remote() for actor in actors]
+    with progress_bar(len(waiting), progress, "starting Ray workers (model load)", "worker") as bar:
+        while waiting:
+            done, waiting = ray.wait(waiting, num_returns=1)
+            try:
+                ray.get(done)
+            except ray.exceptions.RayError as exc:
+                first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+                raise CtxpressError(f"a Ray worker could not start: {first}") from None
+            bar.update(len(done))
+
+
+def _ray_results(job: BatchJob, pending: Iterator[tuple[int, str]], progress: bool | None) -> Iterator[str]:
     """Lines through ``job.workers`` Ray actors, started once and fed in order, chunk by chunk."""
     try:
         import ray
@@ -171,6 +192,7 @@ def _ray_results(job: BatchJob, pending: Iterator[tuple[int, str]]) -> Iterator[
     actors = [worker.remote(asdict(job)) for _ in range(job.workers)]
     pool = ActorPool(actors)
     try:
+        _started(actors, progress)
         while chunk := list(islice(pending, CHUNK_LINES)):  # bounded memory: one chunk in flight
             yield from pool.map(lambda actor, item: actor.run.remote(*item), chunk)
     finally:
