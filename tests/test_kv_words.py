@@ -8,7 +8,16 @@ from hypothesis import strategies as st
 from ctxpress.chat import prompt_ids
 from ctxpress.compat import with_cache
 from ctxpress.errors import InputError
-from ctxpress.kv import PyramidKV, SnapKV, SpindleKV, StreamingLLM, answer_questions, build_press
+from ctxpress.kv import (
+    DEFAULT_METHOD,
+    PyramidKV,
+    SnapKV,
+    SpindleKV,
+    StreamingLLM,
+    answer_questions,
+    build_press,
+    press_with_budget,
+)
 from ctxpress.kv.lowbit import QuantizedStore
 from ctxpress.kv.scores import by_unit
 from ctxpress.words import token_words
@@ -111,6 +120,14 @@ def test_spindlekv_by_words_keeps_its_byte_budget(tiny_lm, prompt):
     with torch.no_grad():
         tiny_lm.model(prompt, **with_cache(tiny_lm.model, cache))
     assert cache.nbytes() <= 0.3 * cache.dense_nbytes()
+
+
+def test_the_default_press_is_snapkv_over_whole_words(tiny_lm):
+    press = press_with_budget(DEFAULT_METHOD)
+    assert isinstance(press, SnapKV) and press.unit == "word" and press.unit_score == "max"
+    assert press.ratio == 0.2 and press.name == "snapkv-words"
+    result = answer_questions(tiny_lm, "alpha beta gamma 12345 delta " * 20, ["what?"], max_new_tokens=2)
+    assert result[0].cache_bytes == result[0].full_cache_bytes  # answer_questions' own default stays full
 
 
 def test_answering_with_word_eviction_finds_the_words_itself(tiny_lm):

@@ -34,8 +34,12 @@ def test_full_matches_plain_generate(lm, prompt):
     assert cache.nbytes() == cache.dense_nbytes()
 
 
-@pytest.mark.parametrize("name", [n for n in PRESSES if n != "full"])
+HOOKABLE = [n for n in PRESSES if n != "full" and build_press(n, ratio=0.3).needs_words() is None]
+
+
+@pytest.mark.parametrize("name", HOOKABLE)
 def test_both_forms_agree_and_shrink(lm, prompt, name):
+    """(Presses over whole words need the token ids, which the context manager cannot see: test_kv_words.)"""
     press = build_press(name, ratio=0.3)
     cache = press.cache(lm.model)
     a = greedy(lm.model, prompt, **with_cache(lm.model, cache), min_new_tokens=12)

@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="never show the progress bar")
     c.set_defaults(handler=cmd_compress)
 
+    from .kv import DEFAULT_METHOD as DEFAULT_KV
     from .kv import PRESSES
 
     g = sub.add_parser(
@@ -164,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--context-file", required=True, metavar="F", help="UTF-8 text file, or - for standard input")
     g.add_argument("--question", required=True, action="append", metavar="Q",
                    help="question about the context (repeat to answer several from one compressed cache)")
-    g.add_argument("--kv", default="spindlekv", choices=list(PRESSES), metavar="METHOD",
-                   help=f"KV compression: {', '.join(PRESSES)} (default: spindlekv)")
+    g.add_argument("--kv", default=DEFAULT_KV, choices=list(PRESSES), metavar="METHOD",
+                   help=f"KV compression: {', '.join(PRESSES)} (default: {DEFAULT_KV})")
     kv_budget = g.add_mutually_exclusive_group()
     kv_budget.add_argument("--kv-ratio", type=_rate, metavar="R",
                            help="fraction of the dense cache's bytes to keep (default 0.2)")

@@ -45,6 +45,7 @@ from . import __version__
 from .chat import chat_ids
 from .errors import CtxpressError, InputError
 from .guard import DEFAULT_MAX_QUEUE, Admission, ApiKey
+from .kv import DEFAULT_METHOD as DEFAULT_KV
 from .kv import CompressedContext, KVPress, press_with_budget
 from .models import LoadedModel
 from .prompt import PromptCompressor
@@ -91,7 +92,7 @@ class PromptCompression(BaseModel):
 
 class KVCompression(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    method: str = "spindlekv"
+    method: str = DEFAULT_KV
     ratio: float | None = None
     tokens: int | None = None
     options: dict[str, Any] = Field(default_factory=dict)

@@ -8,13 +8,13 @@ from __future__ import annotations
 from .cache import CompressedCache, cache_dense_nbytes, cache_nbytes
 from .contracts import Press, Store
 from .generation import CompressedContext, GenerationResult, answer_questions
-from .presses import H2O, EvictionPress, KVPress, PyramidKV, SnapKV, StreamingLLM
+from .presses import H2O, EvictionPress, KVPress, PyramidKV, SnapKV, SnapKVWords, StreamingLLM
 from .quantized import QuantizedKV
-from .registry import DEFAULT_RATIO, PRESSES, build_press, press_with_budget
+from .registry import DEFAULT_METHOD, DEFAULT_RATIO, PRESSES, build_press, press_with_budget
 from .spindle import SpindleKV
 
 __all__ = [
-    "DEFAULT_RATIO", "H2O", "PRESSES", "CompressedCache", "CompressedContext", "EvictionPress", "GenerationResult",
-    "KVPress", "Press", "PyramidKV", "QuantizedKV", "SnapKV", "SpindleKV", "Store", "StreamingLLM", "answer_questions",
-    "build_press", "cache_dense_nbytes", "cache_nbytes", "press_with_budget",
+    "DEFAULT_METHOD", "DEFAULT_RATIO", "H2O", "PRESSES", "CompressedCache", "CompressedContext", "EvictionPress",
+    "GenerationResult", "KVPress", "Press", "PyramidKV", "QuantizedKV", "SnapKV", "SnapKVWords", "SpindleKV", "Store",
+    "StreamingLLM", "answer_questions", "build_press", "cache_dense_nbytes", "cache_nbytes", "press_with_budget",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import InputError
 from ..options import build
-from .presses import H2O, KVPress, PyramidKV, SnapKV, StreamingLLM
+from .presses import H2O, KVPress, PyramidKV, SnapKV, SnapKVWords, StreamingLLM
 from .quantized import QuantizedKV
 from .spindle import SpindleKV
 
@@ -13,11 +13,13 @@ PRESSES: dict[str, type[KVPress]] = {
     "streaming": StreamingLLM,
     "h2o": H2O,
     "snapkv": SnapKV,
+    "snapkv-words": SnapKVWords,
     "pyramidkv": PyramidKV,
     "spindlekv": SpindleKV,
     "quantized": QuantizedKV,
 }
 
+DEFAULT_METHOD = "snapkv-words"  # of the command line and the server (docs/results/kv-words-dev)
 DEFAULT_RATIO = 0.2  # what the command line and the server use when a press needs a budget and none is given
 
 
@@ -44,4 +46,4 @@ def press_with_budget(name: str, ratio: float | None = None, tokens: int | None 
     return build_press(name, **budget, **options)
 
 
-__all__ = ["DEFAULT_RATIO", "PRESSES", "build_press", "press_with_budget"]
+__all__ = ["DEFAULT_METHOD", "DEFAULT_RATIO", "PRESSES", "build_press", "press_with_budget"]
