@@ -12,21 +12,33 @@ a document that loses every word is dropped.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from ..prompt import PromptCompressor
+from ..prompt.methods import DEFAULT_METHOD
 
 
-def compress_texts(compressor: PromptCompressor | None, texts: Sequence[str], *, rate: float | None,
-                   target_tokens: int | None, method: str, options: Mapping[str, Any],
-                   query: str) -> tuple[PromptCompressor, list[str]]:
-    """The texts compressed together (``target_tokens`` wins over ``rate``), and the compressor used
-    (the embedded model's, made on first use when none was given)."""
-    compressor = compressor or PromptCompressor(progress=False)
-    budget = {"target_tokens": target_tokens} if target_tokens is not None else {"rate": rate}
-    return compressor, compressor.compress_documents(list(texts), method=method, question=query, **budget,
-                                                     **dict(options))
+class CompressionSettings(BaseModel):
+    """The fields both adapters take, and the one call they make."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    compressor: PromptCompressor | None = None  # None: the embedded model's, made on first use
+    rate: float | None = 0.5
+    target_tokens: int | None = None  # the texts' tokens in all; wins over rate
+    method: str = DEFAULT_METHOD
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    def compress_texts(self, texts: Sequence[str], query: str) -> list[str]:
+        """The texts compressed together under this budget, each given back on its own."""
+        if self.compressor is None:
+            self.compressor = PromptCompressor(progress=False)
+        budget = {"target_tokens": self.target_tokens} if self.target_tokens is not None else {"rate": self.rate}
+        return self.compressor.compress_documents(list(texts), method=self.method, question=query, **budget,
+                                                  **self.options)
 
 
-__all__ = ["compress_texts"]
+__all__ = ["CompressionSettings"]
