@@ -13,8 +13,6 @@ arrived whole, and the proxy's compression seconds per request.
     .venv/bin/python benchmarks/proxy_savings.py --examples 50
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import sys
