@@ -196,6 +196,7 @@ def test_policy_and_upstream_are_checked_when_made():
         Upstream("localhost:8000")
     assert Upstream("http://h:1/v1/").url == "http://h:1/v1"
     assert Upstream("http://h:1/v1", key="").headers() == {}
+    assert "sk-x" not in repr(Upstream("http://h:1/v1", key="sk-x"))
 
 
 def test_serve_refuses_proxy_options_without_an_upstream(capsys):

@@ -117,7 +117,7 @@ class Upstream:
     """
 
     url: str
-    key: str | None = None
+    key: str | None = field(default=None, repr=False)  # never printed
     timeout: float = DEFAULT_TIMEOUT
 
     def __post_init__(self) -> None:
