@@ -47,7 +47,7 @@ test: $(STAMP)
 
 # The property tests with many more generated examples (400 per property instead of 25).
 test-properties: $(STAMP)
-	CTXPRESS_PROPERTIES=long $(BIN)/python -m pytest -q tests/test_properties.py
+	CTXPRESS_PROPERTIES=long $(BIN)/python -m pytest -q tests/test_properties.py tests/test_properties_io.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
