@@ -6,11 +6,15 @@ concurrent clients for ``--seconds``. Each client sends, in turn, a valid
 a request with an unknown method option (the last two must be 4xx, never
 500). Reports throughput, p50/p99 latency of the answered requests, counts
 by status (429 when more than ``--max-queue`` wait), and the server's
-resident memory before (after one warm-up request per endpoint), at its
+resident memory (its whole process tree) before (after one warm-up request per endpoint), at its
 peak during, and 5 s after the load; checks that
 the server still answers ``/healthz`` afterwards.
 
-Usage: python benchmarks/load_test.py [--clients 16] [--seconds 60] [--max-queue 8] [--model smollm2-135m]
+With ``--replicas N`` the server runs N model replicas on Ray Serve; compare
+the throughput of ``--replicas 1`` and ``--replicas 2`` on the same machine.
+
+Usage: python benchmarks/load_test.py [--clients 16] [--seconds 60] [--max-queue 8] [--replicas 1]
+       [--model smollm2-135m]
 """
 
 from __future__ import annotations
@@ -35,11 +39,33 @@ CONTEXT = ("Prompt compression removes the tokens of a prompt that carry the lea
 
 
 def rss_of(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # gone meanwhile
+        pass
     return 0
+
+
+def tree_rss(root: int) -> int:
+    """Resident bytes of ``root`` and all its descendants (with --replicas: Ray and every replica)."""
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    parent = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children[parent].append(int(entry))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += rss_of(pid)
+        todo.extend(children.get(pid, []))
+    return total
 
 
 def free_port() -> int:
@@ -74,7 +100,7 @@ async def client(base: str, until: float, log: list, offset: int) -> None:
                 else:
                     r = await http.post(path, json=body)
                 status = r.status_code
-                if status == 429:
+                if status in (429, 503):  # 503: Ray Serve's back-pressure with --replicas
                     await asyncio.sleep(float(r.headers.get("retry-after", "1")))
             except httpx.HTTPError as exc:
                 status = type(exc).__name__
@@ -87,12 +113,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--max-queue", type=int, default=8)
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--replicas", type=int, default=1, help="model replicas (ctxpress serve --replicas)")
     args = parser.parse_args()
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "ctxpress.cli", "serve", "--port", str(port),
-                               "--model", args.model, "--max-queue", str(args.max_queue)],
+                               "--model", args.model, "--max-queue", str(args.max_queue),
+                               *(["--replicas", str(args.replicas)] if args.replicas > 1 else [])],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
     import httpx
 
@@ -111,12 +139,12 @@ def main() -> None:
             time.sleep(0.5)
         for path, body in requests()[:2]:  # warm-up: both endpoints once, so the baseline holds what they load
             httpx.post(f"{base}{path}", json=body, timeout=120)
-        baseline = rss_of(server.pid)
+        baseline = tree_rss(server.pid)
         peak, sampling = [baseline], threading.Event()
 
         def sample() -> None:
             while not sampling.is_set():
-                peak[0] = max(peak[0], rss_of(server.pid))
+                peak[0] = max(peak[0], tree_rss(server.pid))
                 time.sleep(0.1)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -133,7 +161,7 @@ def main() -> None:
         sampling.set()
         sampler.join()
         time.sleep(5)
-        after = rss_of(server.pid)
+        after = tree_rss(server.pid)
         alive = httpx.get(f"{base}/healthz", timeout=10).status_code == 200
     finally:
         server.terminate()
@@ -142,12 +170,12 @@ def main() -> None:
     statuses = collections.Counter(str(s) for s, _, _ in log)
     ok = sorted(t for s, t, _ in log if s == 200)
     gib = 2**20
-    row = [args.clients, f"{elapsed:.0f}", len(log), f"{len(ok) / elapsed:.2f}",
+    row = [args.replicas, args.clients, f"{elapsed:.0f}", len(log), f"{len(ok) / elapsed:.2f}",
            f"{statistics.median(ok):.2f}" if ok else "n/a",
            f"{ok[min(len(ok) - 1, int(0.99 * len(ok)))]:.2f}" if ok else "n/a",
            ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())),
            f"{baseline / gib:.0f} / {peak[0] / gib:.0f} / {after / gib:.0f}", "yes" if alive else "NO"]
-    print(markdown_table(["clients", "seconds", "requests", "answered/s", "p50 s", "p99 s", "by status",
+    print(markdown_table(["replicas", "clients", "seconds", "requests", "answered/s", "p50 s", "p99 s", "by status",
                           "server RSS MiB before / peak / after", "up after"], [row]))
     if "500" in statuses or not alive:
         sys.exit(1)

@@ -232,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--request-timeout", type=_non_negative_float, default=300.0, metavar="S",
                    help="seconds a request may take from arrival, waiting included, before it is answered 504 "
                         "(a stream ends with finish_reason length); 0: no limit (default 300)")
+    v.add_argument("--replicas", type=_positive_int, default=1, metavar="N",
+                   help="N model replicas behind the one endpoint, on Ray Serve (default 1: this process alone)")
+    v.add_argument("--ray-address", metavar="ADDR",
+                   help="with --replicas, the Ray cluster to run them on (default: start a local Ray)")
+    v.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="with --replicas, torch threads (and Ray CPUs) per replica (default: this machine's "
+                        "cores / N)")
     proxy = v.add_argument_group(
         "proxy", "with --upstream, chat and completions are forwarded to that OpenAI-compatible API after "
         "long messages are compressed; a request's prompt_compression field overrides these per request")
@@ -356,7 +363,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .models import load_model
+    from .models import ensure_converted, load_model
 
     try:
         from .server import serve
@@ -375,9 +382,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     elif args.rate or args.target_tokens or args.options or args.method != DEFAULT_METHOD:
         raise InputError("--rate, --target-tokens, --method and --option configure the proxy: add --upstream URL "
                          "(the local chat endpoint takes prompt_compression per request)")
-    lm = load_model(args.model, device=args.device, dtype=args.dtype)
-    serve(lm, args.host, args.port, max_request_bytes=args.max_request_bytes, max_new_tokens=args.max_new_tokens,
-          api_key=args.api_key, max_queue=args.max_queue, request_timeout=args.request_timeout or None, **forwarding)
+    app_options = dict(max_request_bytes=args.max_request_bytes, max_new_tokens=args.max_new_tokens,
+                       api_key=args.api_key, max_queue=args.max_queue, request_timeout=args.request_timeout or None,
+                       **forwarding)
+    if args.replicas > 1:
+        from .replicas import ReplicaSpec, default_threads, serve_replicas
+
+        if args.model in EMBEDDED_MODELS:
+            ensure_converted(args.model)  # once here, not once per replica
+        spec = ReplicaSpec(args.model, args.device, args.dtype, args.threads or default_threads(args.replicas),
+                           app_options)
+        serve_replicas(spec, args.replicas, args.host, args.port, max_queue=args.max_queue,
+                       ray_address=args.ray_address)
+        return 0
+    if args.ray_address or args.threads:
+        raise InputError("--ray-address and --threads configure replicas: add --replicas N (N > 1)")
+    serve(load_model(args.model, device=args.device, dtype=args.dtype), args.host, args.port, **app_options)
     return 0
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import threading
 import time
@@ -287,7 +288,9 @@ def create_app(lm: LoadedModel, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_
 
     @app.get("/healthz")
     def healthz() -> dict:
-        return {"status": "ok", "model": lm.name, **({"upstream": upstream.url} if upstream else {})}
+        # pid: which process (replica) answered, behind ``--replicas``
+        return {"status": "ok", "model": lm.name, "pid": os.getpid(),
+                **({"upstream": upstream.url} if upstream else {})}
 
     @app.post("/v1/compress")
     async def compress(body: CompressBody, request: Request) -> dict:

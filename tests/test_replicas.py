@@ -1,0 +1,84 @@
+"""`ctxpress serve --replicas 2`: two model replicas on Ray Serve behind one port, driven over real HTTP."""
+
+import concurrent.futures
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ctxpress.cli import EXIT_INTERRUPTED, main
+
+from conftest import TEXT
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(tiny_model_dir: str, *extra: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "ctxpress.cli", "serve", "--model", tiny_model_dir, "--port", str(port),
+           "--replicas", "2", "--threads", "1", *extra]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            start_new_session=True), f"http://127.0.0.1:{port}"
+
+
+def wait_until_up(proc: subprocess.Popen, base: str, httpx, seconds: float = 240) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"serve exited {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    pytest.fail("two replicas did not start in time")
+
+
+def test_two_replicas_answer_behind_one_port_and_stop_cleanly(tiny_model_dir):
+    pytest.importorskip("ray.serve")
+    httpx = pytest.importorskip("httpx")
+    proc, base = start(tiny_model_dir)
+    try:
+        wait_until_up(proc, base, httpx)
+
+        def chat(i: int) -> httpx.Response:
+            return httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
+                "model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": f"{TEXT} {i}"}],
+                "kv_compression": {"method": "snapkv-words", "ratio": 0.5}})
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(chat, range(16)))
+        assert all(r.status_code == 200 for r in answers), [r.text for r in answers if r.status_code != 200]
+        assert all(r.json()["choices"][0]["message"]["role"] == "assistant" for r in answers)
+        # the same endpoint reaches both replicas: two model processes
+        pids = {httpx.get(f"{base}/healthz", timeout=10).json()["pid"] for _ in range(40)}
+        assert len(pids) == 2
+        # a user error is still a 4xx with a JSON body through Serve
+        bad = httpx.post(f"{base}/v1/compress", json={"context": TEXT, "rate": 0.5, "method": "nope"}, timeout=60)
+        assert bad.status_code == 400 and "nope" in bad.json()["error"]["message"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    assert proc.returncode == EXIT_INTERRUPTED, proc.stderr.read().decode()[-2000:]
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_replica_options_without_replicas_are_refused(capsys):
+    assert main(["serve", "--threads", "2"]) == 2
+    assert "--replicas" in capsys.readouterr().err
