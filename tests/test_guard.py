@@ -48,6 +48,33 @@ def test_queue_bound_answers_429_at_once_and_frees_places():
     asyncio.run(scenario())
 
 
+def test_freed_memory_goes_back_when_the_last_request_leaves(monkeypatch):
+    import platform
+    import threading
+
+    from ctxpress import guard
+    from ctxpress.memory import release_freed
+
+    assert release_freed() is (platform.libc_ver()[0] == "glibc")  # where there is malloc_trim, it ran
+    calls, done = [], threading.Event()
+    monkeypatch.setattr(guard, "release_freed", lambda: (calls.append(1), done.set()))
+
+    async def scenario():
+        gate = Gate()
+        app = Admission(gate, max_queue=2)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            tasks = [asyncio.create_task(client.post("/v1/compress")) for _ in range(2)]
+            while gate.entered < 2:
+                await asyncio.sleep(0.01)
+            assert not calls  # never while requests are in
+            gate.open.set()
+            await asyncio.gather(*tasks)
+            await asyncio.get_running_loop().run_in_executor(None, done.wait, 10)
+
+    asyncio.run(scenario())
+    assert calls == [1]  # once: when the second left, not when the first did
+
+
 def test_api_key_middleware():
     async def scenario():
         gate = Gate()

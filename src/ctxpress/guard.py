@@ -10,13 +10,17 @@ parsed or any model work is queued:
   ``max_queue`` already wait behind the one being served, the next is
   answered 429 with ``Retry-After`` at once, instead of piling up work that
   will time out anyway. A request holds its place until its response (a
-  stream too) has ended, or its client has gone.
+  stream too) has ended, or its client has gone. When the last request
+  leaves, the memory freed meanwhile is handed back to the system.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+
+from .memory import release_freed
 
 API_KEY_ENV = "CTXPRESS_API_KEY"  # where ``ctxpress serve`` reads the key by default
 DEFAULT_MAX_QUEUE = 32
@@ -71,6 +75,8 @@ class Admission:
             await self.app(scope, receive, send)
         finally:
             self.active -= 1
+            if self.active == 0:  # idle: the memory the burst took goes back to the system, off the event loop
+                asyncio.get_running_loop().run_in_executor(None, release_freed)
 
 
 __all__ = ["API_KEY_ENV", "DEFAULT_MAX_QUEUE", "MODEL_PATHS", "OPEN_PATHS", "Admission", "ApiKey"]

@@ -3,6 +3,7 @@ resident memory sampled in a background thread on CPU."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
 import sys
@@ -19,6 +20,20 @@ def rss_bytes() -> int:
     except OSError:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak if sys.platform == "darwin" else peak * 1024
+
+
+def release_freed() -> bool:
+    """Hand memory that Python and torch have freed back to the operating system (glibc's ``malloc_trim``).
+
+    Freed blocks otherwise stay in the allocator's per-thread arenas, so a
+    server's resident size stays at its peak long after the load is gone.
+    False where there is no glibc (macOS, musl): nothing to do there.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
 
 
 class PeakMemory:
