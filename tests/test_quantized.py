@@ -69,3 +69,43 @@ def test_options_and_budgets():
                            ({"tokens": 10}, "not tokens"), ({"ratio": 0.3, "group": 0}, "group")):
         with pytest.raises(InputError, match=match):
             build_press("quantized", **options)
+
+
+@pytest.mark.parametrize("bits,ratio", [(None, 0.3), (8, 0.25)])
+def test_rest_bits_demote_instead_of_evicting(tiny_lm, prompt, bits, ratio):
+    """Every token stays; the ones eviction would keep are in ``bits`` (dense when None) and the others
+    in ``rest_bits``; the bytes fit the ratio, and generated tokens join the kept part, last."""
+    from ctxpress.kv import SnapKV
+    from ctxpress.kv.lowbit import TieredStore
+
+    evicting = compressed(tiny_lm.model, SnapKV(ratio=ratio, bits=bits, rest_bits=None), prompt)
+    tiered = compressed(tiny_lm.model, SnapKV(ratio=ratio, bits=bits, rest_bits=2), prompt)
+    assert tiered.nbytes() <= ratio * tiered.dense_nbytes()
+    dense, _ = reference_layers(tiny_lm.model, prompt)
+    for layer, alone, (keys, _) in zip(tiered.layers, evicting.layers, dense):
+        store = layer.store
+        assert isinstance(store, TieredStore) and len(store) == N
+        # the rest is demoted, not dropped, so fewer tokens keep the high precision than eviction keeps
+        assert 0 < len(store.kept) < len(alone.store) and len(store.rest) == N - len(store.kept)
+        got_keys, _ = store.materialize()
+        assert got_keys.shape[-2] == N
+        if bits is None:  # the kept part is dense prompt keys (up to the eager reference's rounding), and last
+            kept_keys = got_keys[..., len(store.rest):, :]
+            nearest = torch.cdist(kept_keys[0], keys[0], compute_mode="donot_use_mm_for_euclid_dist").amin(-1)
+            assert float(nearest.amax()) < 1e-4
+    before = [(len(layer.store.kept), len(layer.store.rest)) for layer in tiered.layers]
+    out = greedy(tiny_lm.model, prompt, **with_cache(tiny_lm.model, tiered), min_new_tokens=12)
+    assert out.shape[1] == N + 12
+    for layer, (kept, rest) in zip(tiered.layers, before):  # new tokens join the kept part; the rest never grows
+        assert len(layer.store.kept) > kept and len(layer.store.rest) == rest
+
+
+def test_rest_bits_options():
+    from ctxpress.kv import SnapKV
+
+    with pytest.raises(InputError, match="more bits than the rest"):
+        SnapKV(ratio=0.3, bits=4, rest_bits=4)
+    with pytest.raises(InputError, match="rest_bits must be one of"):
+        SnapKV(ratio=0.3, rest_bits=3)
+    with pytest.raises(InputError, match="byte ratio"):
+        SnapKV(tokens=30, rest_bits=4)

@@ -108,6 +108,40 @@ class QuantizedStore(Store):
         return sum(b.nbytes() for b in (*self.key_blocks, *self.value_blocks)) + self.tail.nbytes()
 
 
+class TieredStore(Store):
+    """Two precisions in one layer: the most important tokens in ``kept`` (dense or many bits), the rest
+    in ``rest`` (few bits). Generated tokens join ``kept``.
+
+    Keys are stored after RoPE, so attention does not depend on where a key sits in the cache; only the
+    newest tokens must come last (the causal mask of a multi-token step assumes it), so ``rest``, which
+    never grows, is materialized first.
+    """
+
+    def __init__(self, kept: Store, rest: QuantizedStore) -> None:
+        self.kept, self.rest = kept, rest
+
+    def __len__(self) -> int:
+        return len(self.kept) + len(self.rest)
+
+    @property
+    def batch(self) -> int:
+        return self.kept.batch
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, position: int) -> None:
+        self.kept.append(keys, values, position)
+
+    def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        (rest_k, rest_v), (kept_k, kept_v) = self.rest.materialize(), self.kept.materialize()
+        return torch.cat([rest_k, kept_k], dim=-2), torch.cat([rest_v, kept_v], dim=-2)
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        self.kept.reorder(beam_idx)
+        self.rest.reorder(beam_idx)
+
+    def nbytes(self) -> int:
+        return self.kept.nbytes() + self.rest.nbytes()
+
+
 def quantized_nbytes(batch: int, kv_heads: int, n: int, dim: int, bits: int, group: int) -> int:
     """Bytes of a :class:`QuantizedStore` of ``n`` prompt tokens (one layer), without building it."""
     stat = torch.finfo(STATS).bits // 8
@@ -117,4 +151,4 @@ def quantized_nbytes(batch: int, kv_heads: int, n: int, dim: int, bits: int, gro
     return codes + key_stats + value_stats
 
 
-__all__ = ["BITS", "Quantized", "QuantizedStore", "quantized_nbytes"]
+__all__ = ["BITS", "Quantized", "QuantizedStore", "TieredStore", "quantized_nbytes"]

@@ -37,7 +37,7 @@ from ..words import PUNCTUATION
 from .budget import pyramid_keep, uniform_keep
 from .cache import CompressedCache, PressState, convert_cache, new_state
 from .contracts import PrefilledLayer, Press, Store
-from .lowbit import BITS, QuantizedStore, quantized_nbytes
+from .lowbit import BITS, QuantizedStore, TieredStore, quantized_nbytes
 from .scores import NORMALIZE, UNIT_SCORES, UNITS, by_unit, group_mean, pool, window_scores
 from .store import DenseStore
 
@@ -149,6 +149,10 @@ class EvictionPress(KVPress):
     ``bits`` (8, 4 or 2; default none): store the kept tokens in that many
     bits (:mod:`ctxpress.kv.lowbit`, ``group`` tokens per key group), so a
     byte ``ratio`` keeps more tokens: eviction and quantization together.
+    ``rest_bits`` (8, 4 or 2; default none: evicted): the tokens not kept
+    are stored in that many bits instead of dropped, so nothing is lost
+    outright; the byte ``ratio`` then sets how many tokens keep the higher
+    precision (``bits``, or the cache's own dtype without it).
     """
 
     window: int = 32
@@ -156,6 +160,7 @@ class EvictionPress(KVPress):
     unit_score: str = "max"
     punctuation: str = "own"
     bits: int | None = None
+    rest_bits: int | None = None
     group: int = 64
     needs_budget: ClassVar[bool] = True
 
@@ -170,6 +175,15 @@ class EvictionPress(KVPress):
                              f"got {self.punctuation!r}")
         if self.bits is not None and self.bits not in BITS:
             raise InputError(f"{self.name}: bits must be one of {', '.join(map(str, BITS))}, got {self.bits}")
+        if self.rest_bits is not None:
+            if self.rest_bits not in BITS:
+                raise InputError(f"{self.name}: rest_bits must be one of {', '.join(map(str, BITS))}, "
+                                 f"got {self.rest_bits}")
+            if self.bits is not None and self.bits <= self.rest_bits:
+                raise InputError(f"{self.name}: the kept tokens need more bits than the rest, got bits={self.bits} "
+                                 f"and rest_bits={self.rest_bits}")
+            if self.ratio is None:
+                raise InputError(f"{self.name}: rest_bits needs a byte ratio, not tokens")
         if self.group < 1:
             raise InputError(f"{self.name}: group must be >= 1 token, got {self.group}")
         if self.unit_score not in UNIT_SCORES:
@@ -206,20 +220,30 @@ class EvictionPress(KVPress):
         """The store of the kept tokens: dense, or in ``bits`` bits."""
         return DenseStore(keys, values) if self.bits is None else QuantizedStore(keys, values, self.bits, self.group)
 
+    def _stored_nbytes(self, shape: torch.Size, count: int, bits: int | None, element: int) -> int:
+        """Bytes of ``count`` tokens of a layer of ``shape`` stored in ``bits`` (None: dense)."""
+        if bits is None:
+            return 2 * shape[0] * shape[1] * count * shape[3] * element
+        return quantized_nbytes(shape[0], shape[1], count, shape[3], bits, self.group)
+
     def counts_in_bytes(self, layers: Sequence[PrefilledLayer]) -> list[int]:
-        """Per-layer keep counts with the largest mean whose ``bits``-bit bytes fit ``ratio``."""
+        """Per-layer keep counts with the largest mean whose bytes fit ``ratio``: kept tokens in ``bits``,
+        the others in ``rest_bits`` (or gone)."""
         n, shapes = layers[0].seen, [layer.keys.shape for layer in layers]
-        target = self.ratio * sum(2 * math.prod(shape) * layer.keys.element_size()
-                                  for shape, layer in zip(shapes, layers))
+        element = layers[0].keys.element_size()
+        target = self.ratio * sum(2 * math.prod(shape) * element for shape in shapes)
 
         def size(mean: int) -> tuple[list[int], int]:
             counts = self.counts_for_mean(n, mean, len(layers))
-            return counts, sum(quantized_nbytes(s[0], s[1], c, s[3], self.bits, self.group)
-                               for s, c in zip(shapes, counts))
+            kept = sum(self._stored_nbytes(s, c, self.bits, element) for s, c in zip(shapes, counts))
+            rest = 0 if self.rest_bits is None else sum(
+                self._stored_nbytes(s, n - c, self.rest_bits, element) for s, c in zip(shapes, counts) if c < n)
+            return counts, kept + rest
 
         if size(1)[1] > target:
-            raise InputError(f"{self.name}: ratio {self.ratio:g} is below one {self.bits}-bit token per head and "
-                             "layer; use a larger ratio")
+            what = f"{self.bits}-bit token per head and layer" if self.rest_bits is None else (
+                f"cache with every token in {self.rest_bits} bits")
+            raise InputError(f"{self.name}: ratio {self.ratio:g} is below one {what}; use a larger ratio")
         lo, hi = 1, n
         while lo < hi:  # the largest mean that fits
             mid = (lo + hi + 1) // 2
@@ -229,7 +253,7 @@ class EvictionPress(KVPress):
     def compress(self, layers: Sequence[PrefilledLayer], model: torch.nn.Module) -> None:
         n = layers[0].seen
         window = self.effective_window(n)
-        by_bytes = self.bits is not None and self.ratio is not None
+        by_bytes = (self.bits is not None or self.rest_bits is not None) and self.ratio is not None
         counts = self.counts_in_bytes(layers) if by_bytes else self.keep_counts(n, len(layers))
         for layer, keep in zip(layers, counts):
             keys, values = layer.keys, layer.values
@@ -243,8 +267,19 @@ class EvictionPress(KVPress):
             if window:
                 scores[..., n - window :] = float("inf")  # the recent window is always kept
             idx = scores.topk(keep, dim=-1).indices.sort(dim=-1).values
-            gather = idx[..., None].expand(-1, -1, -1, keys.shape[-1])
-            layer.compress_to(self.stored(keys.gather(2, gather), values.gather(2, gather)))
+            kept = self.stored(gather_tokens(keys, idx), gather_tokens(values, idx))
+            if self.rest_bits is None:
+                layer.compress_to(kept)
+                continue
+            others = torch.ones_like(scores, dtype=torch.bool).scatter_(-1, idx, False)
+            rest = others.nonzero()[:, -1].view(*idx.shape[:-1], n - keep)  # ascending per head
+            layer.compress_to(TieredStore(kept, QuantizedStore(gather_tokens(keys, rest), gather_tokens(values, rest),
+                                                               self.rest_bits, self.group)))
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x[b, h, idx[b, h], :]``: the tokens ``idx`` (b, kv_heads, k) of each head of ``x`` (b, kv_heads, n, d)."""
+    return x.gather(2, idx[..., None].expand(-1, -1, -1, x.shape[-1]))
 
 
 @dataclass

@@ -77,8 +77,9 @@ class SpindleKV(PyramidKV):
         for name in ("theta_k", "theta_v"):
             if not -1 <= getattr(self, name) <= 1:
                 raise InputError(f"{name} must be a cosine similarity in [-1, 1]")
-        if self.bits is not None and (self.per_head or self.codebook):
-            raise InputError("spindlekv: bits applies to its plain eviction only (per_head=false, codebook=false)")
+        if (self.bits is not None or self.rest_bits is not None) and (self.per_head or self.codebook):
+            raise InputError("spindlekv: bits and rest_bits apply to its plain eviction only "
+                             "(per_head=false, codebook=false)")
         if self.encode_every < 1:
             raise InputError(f"encode_every must be >= 1 token, got {self.encode_every}")
 
