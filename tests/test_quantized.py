@@ -109,3 +109,30 @@ def test_rest_bits_options():
         SnapKV(ratio=0.3, rest_bits=3)
     with pytest.raises(InputError, match="byte ratio"):
         SnapKV(tokens=30, rest_bits=4)
+
+
+@pytest.mark.parametrize("ratio,tiers", [(0.5, (None, 8)), (0.2, (8, 4)), (0.1, (4, 2)), (0.05, (2, None))])
+def test_snapkv_tiered_takes_its_precisions_from_the_ratio(ratio, tiers):
+    """For a float32 cache with 64-dimensional heads (SmolLM2): every token in the most bits that fit,
+    the best words one precision higher; below a 2-bit cache, eviction in 2 bits."""
+    from types import SimpleNamespace
+
+    from ctxpress.kv import SnapKVTiered
+
+    layers = [SimpleNamespace(keys=torch.zeros(1, 3, 1000, 64)) for _ in range(4)]
+    assert SnapKVTiered(ratio=ratio).tiers(layers) == tiers
+    assert SnapKVTiered(ratio=ratio, bits=8, rest_bits=2).tiers(layers) == (8, 2)  # given: kept
+
+
+def test_snapkv_tiered_keeps_every_token_within_its_bytes(tiny_lm, prompt):
+    from ctxpress.kv import SnapKVTiered
+    from ctxpress.kv.lowbit import TieredStore
+    from ctxpress.words import token_words
+
+    cache = SnapKVTiered(ratio=0.3).cache(tiny_lm.model, token_words(tiny_lm.tokenizer, prompt[0].tolist()))
+    with torch.no_grad():
+        tiny_lm.model(prompt, **with_cache(tiny_lm.model, cache))
+    assert cache.nbytes() <= 0.3 * cache.dense_nbytes()
+    assert all(isinstance(layer.store, TieredStore) and len(layer.store) == N for layer in cache.layers)
+    with pytest.raises(InputError, match="byte ratio"):
+        SnapKVTiered(tokens=40)

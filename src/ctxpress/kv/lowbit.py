@@ -142,6 +142,16 @@ class TieredStore(Store):
         return self.kept.nbytes() + self.rest.nbytes()
 
 
+def bits_that_fit(shapes: list[torch.Size], element: int, ratio: float, group: int) -> int | None:
+    """The most bits (of :data:`BITS`) in which every token of layers of ``shapes`` (b, kv_heads, n, d)
+    fits ``ratio`` of their dense bytes (``element`` bytes a number); None if not even the fewest do."""
+    dense = sum(2 * math.prod(shape) * element for shape in shapes)
+    for bits in BITS:
+        if sum(quantized_nbytes(*shape[:3], shape[3], bits, group) for shape in shapes) <= ratio * dense:
+            return bits
+    return None
+
+
 def quantized_nbytes(batch: int, kv_heads: int, n: int, dim: int, bits: int, group: int) -> int:
     """Bytes of a :class:`QuantizedStore` of ``n`` prompt tokens (one layer), without building it."""
     stat = torch.finfo(STATS).bits // 8
@@ -151,4 +161,4 @@ def quantized_nbytes(batch: int, kv_heads: int, n: int, dim: int, bits: int, gro
     return codes + key_stats + value_stats
 
 
-__all__ = ["BITS", "Quantized", "QuantizedStore", "TieredStore", "quantized_nbytes"]
+__all__ = ["BITS", "Quantized", "QuantizedStore", "TieredStore", "bits_that_fit", "quantized_nbytes"]

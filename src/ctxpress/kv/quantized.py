@@ -17,7 +17,7 @@ import torch
 
 from ..errors import InputError
 from .contracts import PrefilledLayer
-from .lowbit import BITS, QuantizedStore, quantized_nbytes
+from .lowbit import BITS, QuantizedStore, bits_that_fit
 from .presses import KVPress
 
 
@@ -55,14 +55,12 @@ class QuantizedKV(KVPress):
         """``bits``, or the most bits whose bytes fit ``ratio`` of the dense cache."""
         if self.bits is not None:
             return self.bits
-        dense = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in layers)
-        for bits in BITS:
-            size = sum(quantized_nbytes(*layer.keys.shape[:3], layer.keys.shape[3], bits, self.group)
-                       for layer in layers)
-            if size <= self.ratio * dense:
-                return bits
-        raise InputError(f"quantized: ratio {self.ratio:g} is below the smallest quantized cache "
-                         f"({BITS[-1]} bits); use a larger ratio")
+        bits = bits_that_fit([layer.keys.shape for layer in layers], layers[0].keys.element_size(), self.ratio,
+                             self.group)
+        if bits is None:
+            raise InputError(f"quantized: ratio {self.ratio:g} is below the smallest quantized cache "
+                             f"({BITS[-1]} bits); use a larger ratio")
+        return bits
 
     def compress(self, layers: Sequence[PrefilledLayer], model: torch.nn.Module) -> None:
         bits = self.bits_for(layers)

@@ -7,6 +7,7 @@ from ..options import build
 from .presses import H2O, KVPress, PyramidKV, SnapKV, SnapKVWords, StreamingLLM
 from .quantized import QuantizedKV
 from .spindle import SpindleKV
+from .tiered import SnapKVTiered
 
 PRESSES: dict[str, type[KVPress]] = {
     "full": KVPress,
@@ -14,6 +15,7 @@ PRESSES: dict[str, type[KVPress]] = {
     "h2o": H2O,
     "snapkv": SnapKV,
     "snapkv-words": SnapKVWords,
+    "snapkv-tiered": SnapKVTiered,
     "pyramidkv": PyramidKV,
     "spindlekv": SpindleKV,
     "quantized": QuantizedKV,
