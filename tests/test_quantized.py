@@ -111,10 +111,10 @@ def test_rest_bits_options():
         SnapKV(tokens=30, rest_bits=4)
 
 
-@pytest.mark.parametrize("ratio,tiers", [(0.5, (None, 8)), (0.2, (8, 4)), (0.1, (4, 2)), (0.05, (2, None))])
+@pytest.mark.parametrize("ratio,tiers", [(0.5, (None, 8)), (0.2, (8, 4)), (0.1, (4, None)), (0.05, (4, None))])
 def test_snapkv_tiered_takes_its_precisions_from_the_ratio(ratio, tiers):
     """For a float32 cache with 64-dimensional heads (SmolLM2): every token in the most bits that fit,
-    the best words one precision higher; below a 2-bit cache, eviction in 2 bits."""
+    8 or 4, the best words one precision higher; below a 4-bit cache, eviction in 4 bits, never 2."""
     from types import SimpleNamespace
 
     from ctxpress.kv import SnapKVTiered

@@ -142,11 +142,12 @@ class TieredStore(Store):
         return self.kept.nbytes() + self.rest.nbytes()
 
 
-def bits_that_fit(shapes: list[torch.Size], element: int, ratio: float, group: int) -> int | None:
-    """The most bits (of :data:`BITS`) in which every token of layers of ``shapes`` (b, kv_heads, n, d)
+def bits_that_fit(shapes: list[torch.Size], element: int, ratio: float, group: int,
+                  choices: tuple[int, ...] = BITS) -> int | None:
+    """The most bits (of ``choices``) in which every token of layers of ``shapes`` (b, kv_heads, n, d)
     fits ``ratio`` of their dense bytes (``element`` bytes a number); None if not even the fewest do."""
     dense = sum(2 * math.prod(shape) * element for shape in shapes)
-    for bits in BITS:
+    for bits in choices:
         if sum(quantized_nbytes(*shape[:3], shape[3], bits, group) for shape in shapes) <= ratio * dense:
             return bits
     return None
