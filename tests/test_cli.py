@@ -171,13 +171,14 @@ GENERATE_KEYS = {"answer", "cache_bytes", "full_cache_bytes", "prefill_seconds",
                  "decode_tokens_per_second", "peak_memory_bytes", "method"}
 
 
-def test_generate_json(capsys, doc, tiny_model_dir):
+@pytest.mark.parametrize("method", ["snapkv", "snapkv-words", "snapkv-tiered"])
+def test_generate_json(capsys, doc, tiny_model_dir, method):
     code, out, err = run(capsys, "generate", "--context-file", doc, "--question", "What is dropped?",
-                         "--kv", "snapkv", "--kv-ratio", "0.5", "--max-new-tokens", "5", "--model", tiny_model_dir,
+                         "--kv", method, "--kv-ratio", "0.5", "--max-new-tokens", "5", "--model", tiny_model_dir,
                          "--json")
     assert code == 0, err
     result = json.loads(out)
-    assert set(result) >= GENERATE_KEYS and result["method"] == "snapkv"
+    assert set(result) >= GENERATE_KEYS and result["method"] == method
     assert result["cache_bytes"] <= 0.5 * result["full_cache_bytes"]
     assert result["prefill_seconds"] > 0 and result["peak_memory_bytes"] > 0
 
