@@ -82,3 +82,14 @@ def test_two_replicas_answer_behind_one_port_and_stop_cleanly(tiny_model_dir):
 def test_replica_options_without_replicas_are_refused(capsys):
     assert main(["serve", "--threads", "2"]) == 2
     assert "--replicas" in capsys.readouterr().err
+
+
+def test_a_busy_port_is_a_one_line_error_before_ray_starts(capsys, tiny_model_dir):
+    pytest.importorskip("ray.serve")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(["serve", "--replicas", "2", "--port", str(port), "--model", tiny_model_dir])
+    err = capsys.readouterr().err
+    assert code == 1 and f"cannot serve on 127.0.0.1:{port}" in err and len(err.strip().splitlines()) == 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -108,6 +109,7 @@ def serve_replicas(spec: ReplicaSpec, replicas: int, host: str = "127.0.0.1", po
     except ImportError as exc:
         raise CtxpressError(f"--replicas needs Ray Serve ({exc.name} is missing): "
                             "pip install 'ctxpress[ray]'") from None
+    _check_free(host, port)  # Serve's proxy would only log it, after every replica had loaded
     ray.init(address=ray_address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
     previous = signal.signal(signal.SIGTERM, _interrupt)  # so that a terminated server still shuts Ray down
     try:
@@ -144,6 +146,15 @@ def serve_replicas(spec: ReplicaSpec, replicas: int, host: str = "127.0.0.1", po
         signal.signal(signal.SIGTERM, previous)
         serve.shutdown()
         ray.shutdown()
+
+
+def _check_free(host: str, port: int) -> None:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise CtxpressError(f"cannot serve on {host}:{port}: {exc.strerror}") from None
 
 
 def _interrupt(signum, frame) -> None:
