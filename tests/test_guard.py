@@ -55,7 +55,7 @@ def test_freed_memory_goes_back_when_the_last_request_leaves(monkeypatch):
     from ctxpress import guard
     from ctxpress.memory import release_freed
 
-    assert release_freed() is (platform.libc_ver()[0] == "glibc")  # where there is malloc_trim, it ran
+    assert release_freed() is (platform.libc_ver()[0] == "glibc")  # where there is malloc_trim, it was asked
     calls, done = [], threading.Event()
     monkeypatch.setattr(guard, "release_freed", lambda: (calls.append(1), done.set()))
 

@@ -102,7 +102,8 @@ option_values = st.one_of(st.integers(-3, 300), st.floats(allow_nan=True), st.bo
 
 
 @given(name=st.sampled_from(sorted(PRESSES)), options=st.dictionaries(
-    st.sampled_from(["ratio", "tokens", "window", "per_head", "bits", "evict", "sink", "kernel", "bogus"]),
+    st.sampled_from(["ratio", "tokens", "window", "per_head", "bits", "rest_bits", "evict", "sinks", "kernel",
+                     "bogus"]),
     option_values, max_size=3))
 def test_every_press_builds_or_refuses_in_one_line(name, options):
     try:

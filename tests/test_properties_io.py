@@ -102,7 +102,8 @@ def test_http_compress_answers_200_or_a_4xx_json_error(http, body):
 press_options = st.fixed_dictionaries({}, optional={
     "bits": st.sampled_from([8, 4, 2, 3]), "unit": st.sampled_from(["token", "word", "line"]),
     "window": st.integers(0, 40), "per_head": st.booleans(), "codebook": st.booleans(),
-    "evict": st.booleans(), "sink": st.integers(0, 8), "unit_score": st.sampled_from(["max", "mean"])})
+    "evict": st.booleans(), "sinks": st.integers(0, 8), "unit_score": st.sampled_from(["max", "mean"]),
+    "rest_bits": st.sampled_from([8, 4, 2, 3])})
 
 
 @given(name=st.sampled_from(sorted(set(PRESSES) - {"full"})), options=press_options,

@@ -93,6 +93,15 @@ def test_rest_bits_demote_instead_of_evicting(tiny_lm, prompt, bits, ratio):
             kept_keys = got_keys[..., len(store.rest):, :]
             nearest = torch.cdist(kept_keys[0], keys[0], compute_mode="donot_use_mm_for_euclid_dist").amin(-1)
             assert float(nearest.amax()) < 1e-4
+    if bits is None:  # kept and rest together are the prompt's tokens, each once
+        every = SnapKV(ratio=0.5, bits=None, rest_bits=8)  # 8-bit rest: close enough to match each key
+        cache = compressed(tiny_lm.model, every, prompt)
+        for layer, (keys, _) in zip(cache.layers, dense):
+            assert isinstance(layer.store, TieredStore) and len(layer.store.rest) > 0
+            got, _ = layer.store.materialize()
+            dist = torch.cdist(keys[0], got[0], compute_mode="donot_use_mm_for_euclid_dist")  # (h, N, N)
+            nearest = dist.argmin(-1)
+            assert all(sorted(nearest[h].tolist()) == list(range(N)) for h in range(keys.shape[1]))
     before = [(len(layer.store.kept), len(layer.store.rest)) for layer in tiered.layers]
     out = greedy(tiny_lm.model, prompt, **with_cache(tiny_lm.model, tiered), min_new_tokens=12)
     assert out.shape[1] == N + 12
@@ -119,7 +128,7 @@ def test_snapkv_tiered_takes_its_precisions_from_the_ratio(ratio, tiers):
 
     from ctxpress.kv import SnapKVTiered
 
-    layers = [SimpleNamespace(keys=torch.zeros(1, 3, 1000, 64)) for _ in range(4)]
+    layers = [SimpleNamespace(keys=torch.zeros(1, 3, 1000, 64), seen=1000) for _ in range(4)]
     assert SnapKVTiered(ratio=ratio).tiers(layers) == tiers
     assert SnapKVTiered(ratio=ratio, bits=8, rest_bits=2).tiers(layers) == (8, 2)  # given: kept
 

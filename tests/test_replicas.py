@@ -93,3 +93,16 @@ def test_a_busy_port_is_a_one_line_error_before_ray_starts(capsys, tiny_model_di
         code = main(["serve", "--replicas", "2", "--port", str(port), "--model", tiny_model_dir])
     err = capsys.readouterr().err
     assert code == 1 and f"cannot serve on 127.0.0.1:{port}" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("extra,needle", [(["--max-queue", "0"], "--max-queue 0"),
+                                          (["--threads", "512"], "this Ray cluster has")])
+def test_replica_settings_ray_cannot_honour_are_one_line_errors(tiny_model_dir, extra, needle):
+    pytest.importorskip("ray.serve")
+    cmd = [sys.executable, "-m", "ctxpress.cli", "serve", "--replicas", "2", "--port", str(free_port()),
+           "--model", tiny_model_dir, *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    last = done.stderr.strip().splitlines()[-1]  # Ray may log its start first
+    assert done.returncode == 2 and last.startswith("ctxpress: error: ") and needle in last, done.stderr
+    assert "Traceback" not in done.stderr

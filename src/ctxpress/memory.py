@@ -27,11 +27,13 @@ def release_freed() -> bool:
 
     Freed blocks otherwise stay in the allocator's per-thread arenas, so a
     server's resident size stays at its peak long after the load is gone.
-    False where there is no glibc (macOS, musl): nothing to do there.
+    Returns whether it could ask: False where there is no glibc (macOS,
+    musl), which has nothing to ask.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.malloc_trim(0))
+        libc.malloc_trim(0)  # 1 if memory went back, 0 if there was none to give: both fine
+        return True
     except (OSError, AttributeError):
         return False
 

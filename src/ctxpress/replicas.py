@@ -9,8 +9,10 @@ less busy of two replicas; the replicas may run on this machine or anywhere
 on a Ray cluster (``ray_address``).
 
 What differs from one process: each replica holds ``1 + max_queue``
-requests; past that Serve queues at most ``max_queue`` more and answers the
-rest 503 (its own back-pressure) where one process answers 429.
+requests; past that each Serve proxy queues at most ``max_queue`` more and
+answers the rest 503 (its own back-pressure, without ``Retry-After``) where
+one process answers 429. ``request_timeout`` counts from a request's arrival
+at a replica, not at the proxy.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import CtxpressError
+from .errors import CtxpressError, InputError
 from .progress import progress_bar
 
 APP_NAME = "ctxpress"
@@ -54,8 +56,9 @@ class ReplicaSpec:
 
 
 def default_threads(replicas: int) -> int:
-    """Torch threads per replica on this machine: its cores shared evenly."""
-    return max(1, (os.cpu_count() or 1) // replicas)
+    """Torch threads per replica on this machine: the cores this process may use, shared evenly."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // replicas)
 
 
 def deployment(spec: ReplicaSpec, replicas: int, max_queue: int | None):
@@ -109,10 +112,19 @@ def serve_replicas(spec: ReplicaSpec, replicas: int, host: str = "127.0.0.1", po
     except ImportError as exc:
         raise CtxpressError(f"--replicas needs Ray Serve ({exc.name} is missing): "
                             "pip install 'ctxpress[ray]'") from None
-    _check_free(host, port)  # Serve's proxy would only log it, after every replica had loaded
-    ray.init(address=ray_address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+    if max_queue == 0:
+        raise InputError("--max-queue 0 cannot be combined with --replicas (Ray Serve queues at least one "
+                         "request); give 1 or more")
+    if ray_address is None:
+        _check_free(host, port)  # Serve's proxy would only log it, after every replica had loaded
+    try:
+        ray.init(address=ray_address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise CtxpressError(f"cannot start or join Ray ({ray_address or 'local'}): "
+                            f"{_first_error_line(str(exc) or type(exc).__name__)}") from None
     previous = signal.signal(signal.SIGTERM, _interrupt)  # so that a terminated server still shuts Ray down
     try:
+        _check_resources(ray, spec, replicas)
         serve.start(http_options={"host": host, "port": port})
         failure: list[BaseException] = []
 
@@ -144,8 +156,23 @@ def serve_replicas(spec: ReplicaSpec, replicas: int, host: str = "127.0.0.1", po
             time.sleep(3600)
     finally:
         signal.signal(signal.SIGTERM, previous)
-        serve.shutdown()
+        if ray_address is None:  # our own Ray: all of it goes
+            serve.shutdown()
+        else:  # a shared cluster: only this application
+            serve.delete(APP_NAME)
         ray.shutdown()
+
+
+def _check_resources(ray, spec: ReplicaSpec, replicas: int) -> None:
+    """Refuse at once what the cluster cannot place, instead of waiting for replicas that never start."""
+    total = ray.cluster_resources()
+    wanted = {"CPU": replicas * (spec.threads or 1)}
+    if spec.device and spec.device.startswith("cuda"):
+        wanted["GPU"] = replicas
+    for kind, amount in wanted.items():
+        if total.get(kind, 0) < amount:
+            raise InputError(f"{replicas} replicas need {amount:g} {kind}s and this Ray cluster has "
+                             f"{total.get(kind, 0):g}; lower --replicas or --threads")
 
 
 def _check_free(host: str, port: int) -> None:

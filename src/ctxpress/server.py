@@ -215,12 +215,16 @@ class _Stop(StoppingCriteria):
 async def _watched(request: Request, deadline: Deadline, fn, *args):
     """``fn(*args)`` on a worker thread; if the client disconnects meanwhile, the deadline learns it."""
     work = asyncio.ensure_future(run_in_threadpool(fn, *args))
-    while True:
-        done, _ = await asyncio.wait({work}, timeout=0.25)
-        if done:
-            return work.result()
-        if not deadline.gone.is_set() and await request.is_disconnected():
-            deadline.gone.set()
+    try:
+        while True:
+            done, _ = await asyncio.wait({work}, timeout=0.25)
+            if done:
+                return work.result()
+            if not deadline.gone.is_set() and await request.is_disconnected():
+                deadline.gone.set()
+    except asyncio.CancelledError:  # cancelled from outside (Ray Serve, when the client went): stop the work too
+        deadline.gone.set()
+        raise
 
 
 @dataclass

@@ -264,8 +264,9 @@ class EvictionPress(KVPress):
             if scores.shape[1] != keys.shape[1]:
                 scores = group_mean(scores, keys.shape[1])
             scores = self.ranked(scores, layer)
-            if window:
-                scores[..., n - window :] = float("inf")  # the recent window is always kept
+            recent = min(window, keep - 1)  # a byte budget can keep fewer tokens than ratio * n (rest_bits)
+            if recent > 0:
+                scores[..., n - recent :] = float("inf")  # the recent window is always kept
             idx = scores.topk(keep, dim=-1).indices.sort(dim=-1).values
             kept = self.stored(gather_tokens(keys, idx), gather_tokens(values, idx))
             if self.rest_bits is None:

@@ -35,8 +35,9 @@ from .presses import SnapKVWords
 class SnapKVTiered(SnapKVWords):
     """SnapKV over whole words with two precisions: the best words in more bits, the rest in fewer.
 
-    Options: SnapKV's; ``bits`` and ``rest_bits`` (see :class:`~ctxpress.kv.presses.EvictionPress`)
-    fix the two precisions instead of the ratio choosing them. Needs a byte ``ratio``.
+    Options: SnapKV's; given ``bits`` or ``rest_bits`` (see :class:`~ctxpress.kv.presses.EvictionPress`)
+    are used as given instead of the ratio choosing (``bits`` alone: eviction in those bits). Needs a
+    byte ``ratio``.
     """
 
     # Departs from snapkv-words in one point: tokens outside the budget are demoted to fewer bits
@@ -62,7 +63,12 @@ class SnapKVTiered(SnapKVWords):
         if rest is None:  # not every token fits: evict, keeping words in the fewest bits allowed
             return self.rest_choices[-1], None
         above = BITS.index(rest) - 1
-        return (BITS[above] if above >= 0 else None), rest
+        kept = BITS[above] if above >= 0 else None
+        try:
+            replace(self, bits=kept, rest_bits=rest).counts_in_bytes(layers)
+        except InputError:  # every token fits in `rest` bits, but not one word more in `kept`
+            return rest, None
+        return kept, rest
 
     def compress(self, layers: Sequence[PrefilledLayer], model: torch.nn.Module) -> None:
         bits, rest = self.tiers(layers)
