@@ -1,6 +1,7 @@
 """ctxpress serve: a real server on loopback, driven over HTTP and with the openai client."""
 
 import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,7 +27,7 @@ def client(base_url):
 
 
 def test_health_and_docs(base_url):
-    assert httpx.get(f"{base_url}/healthz").json() == {"status": "ok", "model": "tiny-gqa"}
+    assert httpx.get(f"{base_url}/healthz").json() == {"status": "ok", "model": "tiny-gqa", "pid": os.getpid()}
     assert httpx.get(f"{base_url}/docs").status_code == 200
     paths = httpx.get(f"{base_url}/openapi.json").json()["paths"]
     assert {"/v1/compress", "/v1/chat/completions", "/healthz"} <= set(paths)
