@@ -13,8 +13,8 @@ the rest of the budget allows, ranked as ``snapkv-words`` ranks them, one
 precision higher (8 bits over 4, the cache's own dtype over 8). It never
 stores in 2 bits: on the dev needles, 2-bit keys and values derailed the
 copying of a number (a 2-bit cache found 0 of 10, 2-bit rest under 4-bit
-words 2 of 10), so below a 4-bit cache of every token it evicts words and
-keeps the rest in 4 bits (8 of 10).
+words 2 of 10), so below a 4-bit cache of every token it evicts whole
+words and stores the ones it keeps in 4 bits (8 of 10).
 """
 
 from __future__ import annotations
