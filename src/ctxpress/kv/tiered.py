@@ -48,7 +48,6 @@ class SnapKVTiered(SnapKVWords):
     name: ClassVar[str] = "snapkv-tiered"
     rest_choices: ClassVar[tuple[int, ...]] = (8, 4)  # the fewest bits a token is kept in
 
-
     def validate(self) -> None:
         super().validate()
         if self.ratio is None:
