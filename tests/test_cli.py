@@ -80,7 +80,8 @@ def test_help_lists_methods_with_their_options(capsys):
         for name, cls in METHODS.items():
             assert f"{name}: {cls.description()} (" in text
             assert all(f"{key}=" in text for key in option_names(cls))
-    assert "unit=token, stages=auto, consecutive=true, unit_score=mean, alpha=0.8, fusion=additive" in text
+    assert ("unit=token, line_breaks=score, stages=auto, consecutive=true, unit_score=mean, alpha=0.8, "
+            "fusion=additive") in text
 
 
 def bad_inputs(tmp_path):
@@ -108,8 +109,8 @@ def bad_inputs(tmp_path):
         ("target", ["{doc}", "--target-tokens", "100000"], "more than"),
         ("method", ["{doc}", "--rate", "0.5", "--method", "zip"], "invalid choice"),
         ("option", ["{doc}", "--rate", "0.5", "--option", "bogus=1"],
-         "method 'dac-words' has no option bogus (it takes: unit, stages, consecutive, unit_score, alpha, fusion, "
-         "attention_from)"),
+         "method 'dac-words' has no option bogus (it takes: unit, line_breaks, stages, consecutive, unit_score, "
+         "alpha, fusion, attention_from)"),
         ("option 2", ["{doc}", "--rate", "0.5", "--method", "random", "--option", "alpha=0.5"], "no option alpha"),
         ("option type", ["{doc}", "--rate", "0.5", "--option", "stages=1.5"], "stages must be an integer"),
         ("option bool", ["{doc}", "--rate", "0.5", "--option", "consecutive=maybe"], "true or false"),

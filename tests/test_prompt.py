@@ -143,8 +143,9 @@ def test_instruction_and_question_kept_whole(pc, text):
     assert result.compressed_prompt.endswith("\n\nWhat is dropped?")
     assert result.origin_tokens == len(context_ids(pc, text))  # not counted in the budget
     # the question conditions the scores (it is read after the context)
-    plain = pc.compress(text, rate=0.4)
-    assert plain.kept_token_indices != result.kept_token_indices
+    asked = pc.compress(text, rate=0.4, method="dac", question="What is dropped?")
+    plain = pc.compress(text, rate=0.4, method="dac")
+    assert plain.kept_token_indices != asked.kept_token_indices
 
 
 def test_list_of_documents(pc):
@@ -247,16 +248,17 @@ def test_multiplicative_fusion(pc, text):
 
 # Each method's options, in order, with their defaults: exactly the fields of its class, and the
 # keys of its settings (DAC's "auto" stages are None).
-FUSED = ("unit", "stages", "consecutive", "unit_score", "alpha", "fusion", "attention_from")
+FUSED = ("unit", "line_breaks", "stages", "consecutive", "unit_score", "alpha", "fusion", "attention_from")
 DEFAULTS = {
-    "dac-words": dict(zip(FUSED, ("word", 1, False, "mean", 0.8, "additive", "all"))),
-    "dac": dict(zip(FUSED, ("token", None, True, "mean", 0.8, "additive", "all"))),
-    "dac-static": dict(zip(FUSED, ("token", 1, False, "mean", 0.8, "additive", "all"))),
-    "entropy": dict(zip(FUSED, ("token", 1, False, "mean", 0.0, "additive", "all"))),
-    "entropy-dynamic": dict(zip(FUSED, ("token", None, True, "mean", 0.0, "additive", "all"))),
-    "attention": dict(zip(FUSED, ("token", 1, False, "mean", 1.0, "additive", "all"))),
-    "random": {"unit": "token", "stages": 1, "consecutive": False, "unit_score": "mean", "seed": 0},
-    "llmlingua": {"unit": "token", "segment_tokens": 100},
+    "dac-words": dict(zip(FUSED, ("word", "keep", 1, False, "mean", 0.8, "additive", "all"))),
+    "dac": dict(zip(FUSED, ("token", "score", None, True, "mean", 0.8, "additive", "all"))),
+    "dac-static": dict(zip(FUSED, ("token", "score", 1, False, "mean", 0.8, "additive", "all"))),
+    "entropy": dict(zip(FUSED, ("token", "score", 1, False, "mean", 0.0, "additive", "all"))),
+    "entropy-dynamic": dict(zip(FUSED, ("token", "score", None, True, "mean", 0.0, "additive", "all"))),
+    "attention": dict(zip(FUSED, ("token", "score", 1, False, "mean", 1.0, "additive", "all"))),
+    "random": {"unit": "token", "line_breaks": "score", "stages": 1, "consecutive": False, "unit_score": "mean",
+               "seed": 0},
+    "llmlingua": {"unit": "token", "line_breaks": "score", "segment_tokens": 100},
 }
 
 
@@ -364,14 +366,15 @@ def test_a_new_method_is_one_class_and_one_registry_line(pc, text):
     registry = {**METHODS, LatestFirst.name: LatestFirst}
     method = options.build(registry, "method", "latest", {"weight": 2, "stages": 2})
     assert method == LatestFirst(stages=2, weight=2.0)
-    assert method.settings() == {"unit": "token", "stages": 2, "consecutive": False, "unit_score": "mean", "weight": 2}
+    assert method.settings() == {"unit": "token", "line_breaks": "score", "stages": 2, "consecutive": False,
+                                 "unit_score": "mean", "weight": 2}
     assert LatestFirst.description() == "later tokens first (a throwaway method for the test)"
     result = pc.compress(text, rate=0.5, method=method)
     kept = result.kept_token_indices
     n = result.origin_tokens
     assert kept[0] == 0 and kept[1:] == list(range(kept[1], n))  # the earliest tokens went first
     assert result.method == "latest" and result.settings["weight"] == 2 and result.settings["stages_run"] == 2
-    takes = "unit, stages, consecutive, unit_score, weight"
+    takes = "unit, line_breaks, stages, consecutive, unit_score, weight"
     with pytest.raises(InputError, match=f"no option colour \\(it takes: {takes}\\)"):
         options.build(registry, "method", "latest", {"colour": "red"})
     with pytest.raises(InputError, match="weight must be a number"):

@@ -128,7 +128,8 @@ SHORT_CHAT = [{"role": "user", "content": "x"}]
     "path,body,needle",
     [
         ("/v1/compress", {"context": TEXT, "rate": 0.5, "options": {"bogus": 1}},
-         "no option bogus (it takes: unit, stages, consecutive, unit_score, alpha, fusion, attention_from)"),
+         "no option bogus (it takes: unit, line_breaks, stages, consecutive, unit_score, alpha, fusion, "
+         "attention_from)"),
         ("/v1/compress", {"context": TEXT, "rate": 0.5, "options": {"question": "Why?"}}, "no option question"),
         ("/v1/compress", {"context": TEXT, "rate": 0.5, "options": {"stages": 1.5}}, "stages must be an integer"),
         ("/v1/compress", {"context": TEXT, "rate": 0.5, "options": {"consecutive": "maybe"}}, "true or false"),

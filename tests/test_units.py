@@ -11,7 +11,7 @@ from ctxpress.errors import InputError
 from ctxpress.prompt import METHODS, PromptCompressor
 from ctxpress.prompt.tokens import tokenize_context, unit_texts
 from ctxpress.signals import token_signals
-from ctxpress.words import MAX_WORD_TOKENS, word_starts
+from ctxpress.words import MAX_WORD_TOKENS, decode_ids, word_starts
 
 
 @pytest.fixture
@@ -19,8 +19,8 @@ def pc(tiny_lm):
     return PromptCompressor(tiny_lm, progress=False)
 
 
-def words(texts, sizes=None):
-    starts = word_starts(texts, sizes or [1] * len(texts))
+def words(texts, sizes=None, lines=False):
+    starts = word_starts(texts, sizes or [1] * len(texts), lines=lines)
     return ["".join(texts[a:b]) for a, b in zip(starts, [*starts[1:], len(texts)])]
 
 
@@ -37,6 +37,32 @@ def test_word_rules():
     assert word_starts([" x"] + ["a"] * (2 * MAX_WORD_TOKENS), [1] * (2 * MAX_WORD_TOKENS + 1)) == \
         [0, MAX_WORD_TOKENS, 2 * MAX_WORD_TOKENS]
     assert word_starts([" x", "yz", "w"], [MAX_WORD_TOKENS - 2, 2, 1]) == [0, 2]  # counted in tokens
+
+
+def test_line_breaks_stand_alone_when_asked():
+    texts = ["##", " Title", "\n\n", "First", " words", ".", " \n", "  ", "indented", " \t"]
+    assert words(texts) == ["##", " Title", "\n\nFirst", " words", ".", " \n  indented", " \t"]
+    assert words(texts, lines=True) == ["##", " Title", "\n\n", "First", " words", ".", " \n", "  indented", " \t"]
+
+
+LINES = "# Notes\n\nThe first paragraph says little of note.\n- an item\n- another item\n\nThe end, at last.\n"
+
+
+def test_dac_words_keeps_the_lines(pc):
+    ctx = tokenize_context(pc.tokenizer, LINES, unit="word", line_breaks=True)
+    breaks = int(ctx.breaks.sum())
+    assert decode_ids(pc.tokenizer, ctx.ids[ctx.breaks].tolist()) == "\n" * LINES.count("\n")
+    assert breaks + 10 <= len(ctx) // 2
+    for target in (len(ctx) // 2, len(ctx) // 3 * 2):
+        result = pc.compress(LINES, target_tokens=target)  # the default method keeps lines
+        assert result.compressed_tokens == target
+        assert result.compressed_text.count("\n") == LINES.count("\n")
+    # a budget below the line breaks still holds: they are dropped last, never a refusal
+    assert pc.compress(LINES, target_tokens=2).compressed_tokens == 2
+    scored = pc.compress(LINES, target_tokens=len(ctx) // 2, method="dac-words", line_breaks="score")
+    assert scored.compressed_text.count("\n") < LINES.count("\n")
+    with pytest.raises(InputError, match="line_breaks must be one of score, keep"):
+        pc.compress(LINES, rate=0.5, line_breaks="always")
 
 
 def test_word_units_partition_the_tokens(pc, text):
@@ -56,7 +82,8 @@ def test_word_units_partition_the_tokens(pc, text):
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("rate", [0.5, 0.2])
 def test_word_units_keep_words_whole(pc, text, method, rate):
-    ctx = tokenize_context(pc.tokenizer, text, unit="word")
+    lines = METHODS[method]().line_breaks == "keep"  # a line break is then a unit of its own
+    ctx = tokenize_context(pc.tokenizer, text, unit="word", line_breaks=lines)
     result = pc.compress(text, rate=rate, method=method, unit="word")
     n = len(ctx)
     target = max(1, int(rate * n + 0.5))

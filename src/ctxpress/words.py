@@ -40,6 +40,11 @@ def _is_space(text: str) -> bool:
     return text.isspace()
 
 
+def is_line_break(text: str) -> bool:
+    """Whitespace that ends a line: the structure of a text (paragraphs, headings, list items)."""
+    return text.isspace() and "\n" in text
+
+
 def _is_punct(text: str) -> bool:
     core = text.strip()
     return bool(core) and all(unicodedata.category(ch)[0] in "PS" for ch in core)
@@ -50,7 +55,7 @@ def _is_wide(text: str) -> bool:
     return any(unicodedata.east_asian_width(ch) in "WF" for ch in text)
 
 
-def word_starts(texts: Sequence[str], sizes: Sequence[int], punctuation: str = "own") -> list[int]:
+def word_starts(texts: Sequence[str], sizes: Sequence[int], punctuation: str = "own", lines: bool = False) -> list[int]:
     """Which character units (given their texts and token counts) begin a word unit.
 
     A word is a run of non-space text with the whitespace before it (so
@@ -61,7 +66,10 @@ def word_starts(texts: Sequence[str], sizes: Sequence[int], punctuation: str = "
     before them (``"attached"``: "4992383." stays one unit, so whoever keeps
     the number also sees where it ends). Every character of a script without
     spaces is a word of its own. A word longer than ``MAX_WORD_TOKENS``
-    tokens is cut, so that budgets stay reachable.
+    tokens is cut, so that budgets stay reachable. With ``lines`` a line
+    break (whitespace holding a newline) is a unit of its own instead of the
+    start of the next word, so a compressor can keep the text's lines while
+    dropping their first words.
     """
     if punctuation not in PUNCTUATION:
         raise ValueError(f"punctuation must be one of {', '.join(PUNCTUATION)}, got {punctuation!r}")
@@ -75,7 +83,7 @@ def word_starts(texts: Sequence[str], sizes: Sequence[int], punctuation: str = "
     starts, length = [], 0
     for u, (text, size) in enumerate(zip(texts, sizes)):
         prev = texts[u - 1] if u else ""
-        if u == 0:
+        if u == 0 or (lines and (is_line_break(text) or is_line_break(prev))):
             new = True
         elif _is_space(prev):
             new = False  # whitespace belongs to the word after it

@@ -15,6 +15,8 @@ from ..options import Configurable
 from .job import Job
 from .tokens import UNITS
 
+LINE_BREAKS = ("score", "keep")  # a line break is scored like any unit, or dropped last
+
 
 @dataclass(frozen=True)
 class Method(Configurable, ABC):
@@ -24,16 +26,23 @@ class Method(Configurable, ABC):
     :mod:`ctxpress.options`); ``name`` is its registry name and the first line
     of its docstring is its one-line description. ``unit`` is what it keeps
     or drops: single tokens (the papers' granularity; a multi-byte character
-    stays whole) or whole words (see :func:`ctxpress.prompt.tokens.word_starts`).
+    stays whole) or whole words (see :func:`ctxpress.words.word_starts`).
+    ``line_breaks="keep"`` makes every line break a unit that is dropped only
+    when the budget leaves nothing else, so compressed text keeps its
+    paragraphs, headings and list items apart.
     """
 
     name: ClassVar[str] = "method"
 
     unit: str = "token"
+    line_breaks: str = "score"
 
     def validate(self) -> None:
         if self.unit not in UNITS:
             raise InputError(f"{self.name}: unit must be one of {', '.join(UNITS)}, got {self.unit!r}")
+        if self.line_breaks not in LINE_BREAKS:
+            raise InputError(f"{self.name}: line_breaks must be one of {', '.join(LINE_BREAKS)}, "
+                             f"got {self.line_breaks!r}")
 
     @classmethod
     def description(cls) -> str:

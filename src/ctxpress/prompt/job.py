@@ -28,6 +28,7 @@ class Job:
     window_tokens: int
     sizes: np.ndarray = field(init=False)
     protected: np.ndarray = field(init=False)
+    breaks: np.ndarray = field(init=False)  # line-break units, dropped last
     alive: np.ndarray = field(init=False)
     windows: list[tuple[int, int]] = field(init=False)
     stages: int = 0
@@ -38,6 +39,7 @@ class Job:
         n = len(self.context)
         self.sizes = np.diff(np.append(starts, n))
         self.protected = np.logical_or.reduceat(self.context.protected.numpy(), starts) if n else np.zeros(0, bool)
+        self.breaks = np.logical_or.reduceat(self.context.breaks.numpy(), starts) if n else np.zeros(0, bool)
         self.alive = np.ones(len(starts), dtype=bool)
         room = self.window_tokens - len(self.prefix) - len(self.suffix)
         if room < min(n, 16):
@@ -68,6 +70,11 @@ class Job:
         if len(self.sizes):
             windows.append((lo, len(self.sizes)))
         return windows
+
+    def drop_order(self, scores: np.ndarray, units: np.ndarray) -> np.ndarray:
+        """``scores`` of ``units`` with line breaks ranked above every other unit, so they are
+        dropped only when the budget leaves nothing else (a soft protection, never an error)."""
+        return np.where(self.breaks[units], np.inf, scores)
 
     @property
     def kept_tokens(self) -> int:

@@ -94,14 +94,17 @@ class StaticDACMethod(DACMethod):
 # How dac-words departs from the paper, each choice made on the dev split: whole words (a word with
 # its leading space, or one trailing punctuation mark) are kept or dropped together, scored by the
 # mean of their tokens' scores, so no two words are glued and numbers are not shredded; and one
-# scoring pass instead of stages, because re-scoring over stages lost more of the answer than it saved.
+# scoring pass instead of stages, because re-scoring over stages lost more of the answer than it saved;
+# and line breaks are dropped last, so the compressed text keeps its paragraphs and headings apart
+# (dev split: no loss at half the tokens, lower answer NLL at a third).
 @dataclass(frozen=True)
 class WordDACMethod(StaticDACMethod):
-    """DAC's fused score in one pass over whole words; the default"""
+    """DAC's fused score in one pass over whole words, line breaks kept; the default"""
 
     name: ClassVar[str] = "dac-words"
 
     unit: str = "word"
+    line_breaks: str = "keep"
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,8 @@ class SegmentedMethod(Method):
                 droppable = ~job.protected[seg_lo:seg_hi] & ~np.isnan(info[seg_lo:seg_hi])
                 keep = round(job.target * consumed / n_tokens) - kept
                 keep = min(seg_len, max(keep, seg_len - int(job.sizes[seg_lo:seg_hi][droppable].sum())))
-                dropped = select_drops(info[seg_lo:seg_hi], job.sizes[seg_lo:seg_hi], droppable,
+                dropped = select_drops(job.drop_order(info[seg_lo:seg_hi], np.arange(seg_lo, seg_hi)),
+                                       job.sizes[seg_lo:seg_hi], droppable,
                                        seg_len - keep, consecutive=False)
                 job.alive[seg_lo:seg_hi] = ~dropped
                 kept += int(job.sizes[seg_lo:seg_hi][~dropped].sum())
@@ -91,7 +92,8 @@ class SegmentedMethod(Method):
         if kept > job.target:
             alive = np.flatnonzero(job.alive)
             droppable = ~job.protected[alive] & ~np.isnan(info[alive])
-            extra = select_drops(info[alive], job.sizes[alive], droppable, kept - job.target, consecutive=False)
+            extra = select_drops(job.drop_order(info[alive], alive), job.sizes[alive], droppable, kept - job.target,
+                                 consecutive=False)
             job.alive[alive[extra]] = False
         job.stages = 1
 

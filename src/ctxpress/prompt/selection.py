@@ -65,10 +65,12 @@ def select_drops(
     dropped in one call (DAC's consecutive-token rule, applied while choosing
     so the quota is still met). If the rule leaves the quota unmet (a stage
     asked to remove more than about half), the rest is taken by score alone.
-    Units bigger than what remains are skipped; only if nothing else fits is
-    the smallest unit that overshoots dropped, so the result keeps fewer
-    tokens than asked (by one for a split character, by a few for a word),
-    never more.
+    Units bigger than what remains are skipped. Units scored ``inf`` (line
+    breaks a method keeps) are a second tier: touched only when the finite
+    ones cannot meet the quota, even by an exact swap. Only if nothing else
+    fits is the smallest unit that overshoots dropped, so the result keeps
+    fewer tokens than asked (by one for a split character, by a few for a
+    word), never more.
     """
     count = len(scores)
     dropped = np.zeros(count, dtype=bool)
@@ -76,11 +78,12 @@ def select_drops(
         return dropped
     order = np.argsort(scores, kind="stable")
     order = order[droppable[order]]
+    last = np.isposinf(scores[order])
     remaining = quota
 
-    def walk(respect_rule: bool) -> None:
+    def walk(tier: np.ndarray, respect_rule: bool) -> None:
         nonlocal remaining
-        for u in order:
+        for u in tier:
             if remaining == 0:
                 return
             if dropped[u] or sizes[u] > remaining:
@@ -90,32 +93,30 @@ def select_drops(
             dropped[u] = True
             remaining -= int(sizes[u])
 
-    walk(consecutive)
-    if remaining and consecutive:
-        walk(False)
-    if remaining:  # only units bigger than the rest are left
-        _settle(order, sizes, dropped, remaining)
+    for tier in (order[~last], order[last]):
+        walk(tier, consecutive)
+        if remaining and consecutive:
+            walk(tier, False)
+        if remaining and _swap(tier, sizes, dropped, remaining):
+            remaining = 0
+    if remaining:  # only units bigger than the rest are left: keep a few tokens fewer than asked
+        left = [u for u in order if not dropped[u]]
+        if left:
+            dropped[min(left, key=lambda u: sizes[u])] = True
     return dropped
 
 
-def _settle(order: np.ndarray, sizes: np.ndarray, dropped: np.ndarray, remaining: int) -> None:
-    """Finish a quota that the greedy walk left ``remaining`` tokens short of.
-
-    Exactly, if one more drop ``u`` and one restored unit ``v`` (``size[u] -
-    size[v] == remaining``) make it: the lowest-scored such ``u``, the
-    highest-scored such ``v``. Otherwise drop the smallest unit left (lowest
-    score first), keeping a few tokens fewer than asked rather than more.
-    """
-    left = [u for u in order if not dropped[u]]
-    if not left:
-        return
+def _swap(order: np.ndarray, sizes: np.ndarray, dropped: np.ndarray, remaining: int) -> bool:
+    """Finish a quota the greedy walk left ``remaining`` tokens short of, exactly, if one more
+    drop ``u`` and one restored unit ``v`` of ``order`` (``size[u] - size[v] == remaining``)
+    make it: the lowest-scored such ``u``, the highest-scored such ``v``."""
     taken = {}  # size -> highest-scored dropped unit of that size
     for v in order:
         if dropped[v]:
             taken[int(sizes[v])] = v
-    for u in left:
-        v = taken.get(int(sizes[u]) - remaining)
+    for u in order:
+        v = None if dropped[u] else taken.get(int(sizes[u]) - remaining)
         if v is not None:
             dropped[u], dropped[v] = True, False
-            return
-    dropped[min(left, key=lambda u: sizes[u])] = True
+            return True
+    return False

@@ -106,7 +106,8 @@ class StagedMethod(Method):
             scores = np.concatenate(unit_scores[id(job)])
             alive = np.flatnonzero(job.alive)
             quota = job.kept_tokens - target
-            dropped = select_drops(scores, job.sizes[alive], ~job.protected[alive], quota, self.consecutive)
+            dropped = select_drops(job.drop_order(scores, alive), job.sizes[alive], ~job.protected[alive], quota,
+                                   self.consecutive)
             if self.consecutive and np.any(dropped[1:] & dropped[:-1]):
                 job.relaxed_stages += 1
             job.alive[alive[dropped]] = False

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..words import decode_ids, unit_starts_from_decoding, word_starts
+from ..words import decode_ids, is_line_break, unit_starts_from_decoding, word_starts
 
 UNITS = ("token", "word")  # granularity of what a compressor keeps or drops
 
@@ -44,6 +44,12 @@ class TokenizedContext:
     ids: torch.Tensor  # context token ids, no special tokens
     unit_starts: torch.Tensor  # index of the first token of every unit, ascending
     protected: torch.Tensor  # bool per token: never dropped
+    # bool per token: part of a line break kept while the budget allows (all False unless asked for)
+    breaks: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.breaks is None:
+            self.breaks = torch.zeros(len(self.ids), dtype=torch.bool)
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -124,8 +130,14 @@ def _overlapping(spans: Sequence[tuple[int, int]], ranges: list[tuple[int, int]]
     return np.cumsum(marks[:-1]) > 0
 
 
-def tokenize_context(tokenizer, text: str, force: Sequence[str] = (), unit: str = "token") -> TokenizedContext:
-    """Token ids, units (``unit``: ``"token"`` or ``"word"``) and protection of a context string."""
+def tokenize_context(
+    tokenizer, text: str, force: Sequence[str] = (), unit: str = "token", line_breaks: bool = False
+) -> TokenizedContext:
+    """Token ids, units (``unit``: ``"token"`` or ``"word"``) and protection of a context string.
+
+    With ``line_breaks`` every line break is a unit of its own (also under
+    ``unit="word"``) and marked in ``breaks``, for methods that keep lines.
+    """
     if unit not in UNITS:
         raise InputError(f"unit must be one of {', '.join(UNITS)}, got {unit!r}")
     try:
@@ -141,11 +153,16 @@ def tokenize_context(tokenizer, text: str, force: Sequence[str] = (), unit: str 
     ids = torch.tensor(enc["input_ids"], dtype=torch.long)
     # Protection is decided per character unit; a word holding a protected token is kept whole (Job).
     protected = force_mask(tokenizer, text, ids, torch.tensor(starts, dtype=torch.long), spans, force)
-    if unit == "word" and starts:
+    breaks = torch.zeros(len(ids), dtype=torch.bool)
+    if (unit == "word" or line_breaks) and starts:
         bounds = [*starts, len(ids)]
         texts = unit_texts(tokenizer, ids, torch.tensor(starts))
-        starts = [starts[w] for w in word_starts(texts, [b - a for a, b in pairwise(bounds)])]
-    return TokenizedContext(ids, torch.tensor(starts, dtype=torch.long), protected)
+        if line_breaks:
+            for u in (u for u, t in enumerate(texts) if is_line_break(t)):
+                breaks[bounds[u] : bounds[u + 1]] = True
+        if unit == "word":
+            starts = [starts[w] for w in word_starts(texts, [b - a for a, b in pairwise(bounds)], lines=line_breaks)]
+    return TokenizedContext(ids, torch.tensor(starts, dtype=torch.long), protected, breaks)
 
 
 def encode_plain(tokenizer, text: str) -> torch.Tensor:
