@@ -26,6 +26,18 @@ def test_codes_pack_and_reconstruct_within_half_a_step(bits):
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("n", [1, 31, 32, 33, 100])
+def test_token_groups_in_one_pass_equal_one_group_at_a_time(bits, n):
+    """A prompt quantized in one call has the codes and statistics of its groups quantized one by one."""
+    torch.manual_seed(n)
+    x = torch.randn(2, 3, n, 16) * torch.rand(16) * 4
+    whole = Quantized.of(x, bits, dim=-2, group=32)
+    parts = [Quantized.of(x[..., a : a + 32, :], bits, dim=-2) for a in range(0, n, 32)]
+    assert torch.equal(whole.values(bits, x.dtype), torch.cat([p.values(bits, x.dtype) for p in parts], dim=-2))
+    assert whole.nbytes() == sum(p.nbytes() for p in parts)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
 def test_store_counts_its_bytes_and_decodes_through_the_tail(tiny_lm, prompt, bits):
     cache = compressed(tiny_lm.model, QuantizedKV(bits=bits, group=32), prompt)
     dense, _ = reference_layers(tiny_lm.model, prompt)
@@ -42,7 +54,7 @@ def test_store_counts_its_bytes_and_decodes_through_the_tail(tiny_lm, prompt, bi
             tiny_lm.model(prompt[:, t : t + 1], **with_cache(tiny_lm.model, cache))
     store = cache.layers[0].store
     assert len(store) == N + 40 and len(store.tail) == 8
-    assert len(store.key_blocks) == -(-N // 32) + 1
+    assert len(store.key_chunks) == 2  # the prompt in one chunk, then one group of generated tokens
 
 
 def test_eight_bits_answer_like_the_full_cache(tiny_lm, prompt):

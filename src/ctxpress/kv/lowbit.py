@@ -32,48 +32,78 @@ def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 8:
+        return packed
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
     return ((packed[..., None] >> shifts) & (2**bits - 1)).flatten(-2)
 
 
 @dataclass
 class Quantized:
-    """Asymmetric uniform codes of a tensor, with a minimum and a step per group along ``dim``."""
+    """Asymmetric uniform codes of a tensor, with a minimum and a step per group along ``dim``.
+
+    ``group=None``: one group spans all of ``dim``. With ``group`` (``dim=-2`` only), tokens are
+    grouped ``group`` at a time from the first, the last group possibly shorter, so a whole
+    prompt is quantized (and later dequantized) in a few tensor operations instead of a loop
+    over its groups.
+    """
 
     codes: torch.Tensor  # packed uint8
-    low: torch.Tensor  # float16, reduced over dim
+    low: torch.Tensor  # float16, reduced over each group
     step: torch.Tensor
+    group: int | None = None
 
     @classmethod
-    def of(cls, x: torch.Tensor, bits: int, dim: int) -> Quantized:
-        low, high = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+    def of(cls, x: torch.Tensor, bits: int, dim: int, group: int | None = None) -> Quantized:
+        grouped = x
+        if group is not None:
+            if dim != -2:
+                raise ValueError("token groups are along dim -2")
+            n = x.shape[-2]
+            pad = -n % group  # repeat the last token: a group's minimum and maximum stay its own
+            if pad:
+                grouped = torch.cat([x, x[..., -1:, :].expand(*x.shape[:-2], pad, x.shape[-1])], dim=-2)
+            grouped, dim = grouped.unflatten(-2, (-1, group)), -2  # (..., groups, group, d)
+        low, high = grouped.amin(dim, keepdim=True), grouped.amax(dim, keepdim=True)
         low, step = low.to(STATS), ((high - low) / (2**bits - 1)).to(STATS)
-        codes = ((x - low.to(x.dtype)) / step.to(x.dtype).clamp_min(1e-8)).round_().clamp_(0, 2**bits - 1)
-        return cls(_pack(codes.to(torch.uint8), bits), low, step)
+        codes = ((grouped - low.to(x.dtype)) / step.to(x.dtype).clamp_min(1e-8)).round_().clamp_(0, 2**bits - 1)
+        if group is not None:
+            codes, low, step = codes.flatten(-3, -2)[..., : x.shape[-2], :], low.squeeze(-2), step.squeeze(-2)
+        return cls(_pack(codes.to(torch.uint8), bits), low, step, group)
 
     def values(self, bits: int, dtype: torch.dtype) -> torch.Tensor:
-        return _unpack(self.codes, bits).to(dtype) * self.step.to(dtype) + self.low.to(dtype)
+        codes = _unpack(self.codes, bits).to(dtype)
+        low, step = self.low.to(dtype), self.step.to(dtype)
+        if self.group is not None:  # one row of statistics per group of tokens
+            n = codes.shape[-2]
+            low = low.repeat_interleave(self.group, dim=-2)[..., :n, :]
+            step = step.repeat_interleave(self.group, dim=-2)[..., :n, :]
+        return codes * step + low
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.low, self.step))
 
 
 class QuantizedStore(Store):
-    """Keys per channel over token groups, values per token; a dense tail for tokens still to quantize."""
+    """Keys per channel over token groups, values per token; a dense tail for tokens still to quantize.
+
+    The prompt is one chunk of codes and every later full group of generated tokens another, so
+    reading the cache back costs a few operations per chunk, not per group.
+    """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, bits: int, group: int) -> None:
         self.bits, self.group, self.dtype = bits, group, keys.dtype
-        self.key_blocks: list[Quantized] = []  # (b, kv_heads, <= group tokens, d) each
-        self.value_blocks: list[Quantized] = []
+        self.key_chunks: list[Quantized] = []  # (b, kv_heads, tokens, d) each, a multiple of group but the last
+        self.value_chunks: list[Quantized] = []
         self.tail = DenseStore(keys[..., :0, :], values[..., :0, :])  # tokens waiting for a full group
         self.length = 0
         self._quantize(keys, values)
 
     def _quantize(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        for start in range(0, keys.shape[-2], self.group):
-            block = slice(start, start + self.group)
-            self.key_blocks.append(Quantized.of(keys[..., block, :], self.bits, dim=-2))  # per channel
-            self.value_blocks.append(Quantized.of(values[..., block, :], self.bits, dim=-1))  # per token
+        if not keys.shape[-2]:
+            return
+        self.key_chunks.append(Quantized.of(keys, self.bits, dim=-2, group=self.group))  # per channel
+        self.value_chunks.append(Quantized.of(values, self.bits, dim=-1))  # per token
         self.length += keys.shape[-2]
 
     def __len__(self) -> int:
@@ -92,20 +122,20 @@ class QuantizedStore(Store):
             self.tail = DenseStore(keys[..., full:, :], values[..., full:, :])
 
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = [b.values(self.bits, self.dtype) for b in self.key_blocks] + [self.tail.keys]
-        values = [b.values(self.bits, self.dtype) for b in self.value_blocks] + [self.tail.values]
+        keys = [c.values(self.bits, self.dtype) for c in self.key_chunks] + [self.tail.keys]
+        values = [c.values(self.bits, self.dtype) for c in self.value_chunks] + [self.tail.values]
         return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
 
     def reorder(self, beam_idx: torch.Tensor) -> None:
         def pick(t: torch.Tensor) -> torch.Tensor:
             return t.index_select(0, beam_idx.to(t.device))
 
-        for block in (*self.key_blocks, *self.value_blocks):
-            block.codes, block.low, block.step = pick(block.codes), pick(block.low), pick(block.step)
+        for chunk in (*self.key_chunks, *self.value_chunks):
+            chunk.codes, chunk.low, chunk.step = pick(chunk.codes), pick(chunk.low), pick(chunk.step)
         self.tail.reorder(beam_idx)
 
     def nbytes(self) -> int:
-        return sum(b.nbytes() for b in (*self.key_blocks, *self.value_blocks)) + self.tail.nbytes()
+        return sum(c.nbytes() for c in (*self.key_chunks, *self.value_chunks)) + self.tail.nbytes()
 
 
 class TieredStore(Store):
