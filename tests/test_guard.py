@@ -115,3 +115,41 @@ def test_server_requires_the_key(guarded_url):
     assert httpx.get(f"{guarded_url}/healthz").status_code == 200
     r = httpx.post(f"{guarded_url}/v1/compress", json={"context": "a b c d", "rate": 0.5})
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+
+
+FRAGMENT = """
+import sys, torch
+from ctxpress.memory import map_large_blocks, rss_bytes
+if sys.argv[1] == "fixed":
+    assert map_large_blocks()
+x = torch.ones(16 * 2**20 // 4); del x  # glibc would now raise its threshold to 16 MiB
+start = rss_bytes()
+y = torch.ones(12 * 2**20 // 4); del y  # from the heap under the raised threshold, and kept there
+print((rss_bytes() - start) // 2**20)
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's allocator")
+def test_large_tensors_go_back_to_the_system_when_freed():
+    """After a large free glibc serves the next large tensors from its heap, where their memory stays;
+    with a fixed threshold each has its own mapping, returned when it is freed."""
+    import subprocess
+    import sys
+
+    def held(mode: str) -> int:
+        run = subprocess.run([sys.executable, "-c", FRAGMENT, mode], capture_output=True, text=True, check=True)
+        return int(run.stdout.strip())
+
+    assert held("dynamic") >= 8  # the 12 MiB stayed resident
+    assert held("fixed") <= 2
+
+
+def test_the_threshold_is_a_setting(monkeypatch):
+    from ctxpress.errors import InputError
+    from ctxpress.memory import THRESHOLD_ENV, map_large_blocks
+
+    monkeypatch.setenv(THRESHOLD_ENV, "0")
+    assert map_large_blocks() is False  # 0: glibc's own rule
+    monkeypatch.setenv(THRESHOLD_ENV, "a lot")
+    with pytest.raises(InputError, match="must be a number of bytes"):
+        map_large_blocks()

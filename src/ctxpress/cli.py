@@ -363,6 +363,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .memory import map_large_blocks
     from .models import ensure_converted, load_model
 
     try:
@@ -397,6 +398,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     if args.ray_address or args.threads:
         raise InputError("--ray-address and --threads configure replicas: add --replicas N (N > 1)")
+    map_large_blocks()  # a long-lived process: keep large tensors off the heap they would fragment
     serve(load_model(args.model, device=args.device, dtype=args.dtype), args.host, args.port, **app_options)
     return 0
 

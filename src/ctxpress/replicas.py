@@ -47,8 +47,11 @@ class ReplicaSpec:
         """The ASGI application of one replica; runs inside the replica, so the model loads there."""
         import torch
 
+        from .memory import map_large_blocks
         from .models import load_model
         from .server import create_app
+
+        map_large_blocks()
 
         if self.threads is not None:
             torch.set_num_threads(self.threads)
