@@ -11,7 +11,7 @@ from ctxpress.errors import InputError
 from ctxpress.prompt import METHODS, PromptCompressor
 from ctxpress.prompt.tokens import tokenize_context, unit_texts
 from ctxpress.signals import token_signals
-from ctxpress.words import MAX_WORD_TOKENS, decode_ids, word_starts
+from ctxpress.words import MAX_WORD_TOKENS, decode_ids, line_breaks, word_starts
 
 
 @pytest.fixture
@@ -19,8 +19,8 @@ def pc(tiny_lm):
     return PromptCompressor(tiny_lm, progress=False)
 
 
-def words(texts, sizes=None, lines=False):
-    starts = word_starts(texts, sizes or [1] * len(texts), lines=lines)
+def words(texts, sizes=None, lines="score"):
+    starts = word_starts(texts, sizes or [1] * len(texts), breaks=line_breaks(texts, lines))
     return ["".join(texts[a:b]) for a, b in zip(starts, [*starts[1:], len(texts)])]
 
 
@@ -42,48 +42,47 @@ def test_word_rules():
 def test_line_breaks_stand_alone_when_asked():
     texts = ["##", " Title", "\n\n", "First", " words", ".", " \n", "  ", "indented", " \t"]
     assert words(texts) == ["##", " Title", "\n\nFirst", " words", ".", " \n  indented", " \t"]
-    assert words(texts, lines=True) == ["##", " Title", "\n\n", "First", " words", ".", " \n", "  indented", " \t"]
+    split = ["##", " Title", "\n\n", "First", " words", ".", " \n", "  indented", " \t"]
+    assert words(texts, lines="keep") == words(texts, lines="structure") == split
+    # a newline inside a hard-wrapped paragraph is structure only under "keep"; list items are structure
+    wrapped = ["One", " line", "\n", "wraps", " here", "\n", "-", " item", "\n", "1", ".", " first", "\n"]
+    assert line_breaks(wrapped, "keep") == [t == "\n" for t in wrapped]
+    assert line_breaks(wrapped, "structure") == [i in (5, 8) for i in range(len(wrapped))]
+    assert words(wrapped, lines="structure") == ["One", " line", "\nwraps", " here", "\n", "-", " item", "\n",
+                                                 "1", ".", " first", "\n"]
+    assert not any(line_breaks(wrapped, "score"))
 
 
-LINES = "# Notes\n\nThe first paragraph says little of note.\n- an item\n- another item\n\nThe end, at last.\n"
+LINES = "# Notes\n\nThe first paragraph says little\nof note.\n- an item\n- another item\n\nThe end, at last."
 
 
-def test_dac_words_keeps_the_lines(pc):
-    ctx = tokenize_context(pc.tokenizer, LINES, unit="word", line_breaks=True)
-    breaks = int(ctx.breaks.sum())
-    assert decode_ids(pc.tokenizer, ctx.ids[ctx.breaks].tolist()) == "\n" * LINES.count("\n")
-    assert breaks + 10 <= len(ctx) // 2
+@pytest.mark.parametrize("lines,kept", [("structure", 6), ("keep", 7)])
+def test_line_breaks_are_kept_while_the_budget_allows(pc, lines, kept):
+    ctx = tokenize_context(pc.tokenizer, LINES, unit="word", lines=lines)
+    assert decode_ids(pc.tokenizer, ctx.ids[ctx.breaks].tolist()) == "\n" * kept
+    assert kept + 10 <= len(ctx) // 2
     for target in (len(ctx) // 2, len(ctx) // 3 * 2):
-        result = pc.compress(LINES, target_tokens=target)  # the default method keeps lines
+        result = pc.compress(LINES, target_tokens=target, line_breaks=lines)
         assert result.compressed_tokens == target
-        assert result.compressed_text.count("\n") == LINES.count("\n")
+        assert result.compressed_text.count("\n") >= kept
+        if lines == "structure":  # the default method's setting
+            assert pc.compress(LINES, target_tokens=target).kept_token_indices == result.kept_token_indices
     # a budget below the line breaks still holds: they are dropped last, never a refusal
-    assert pc.compress(LINES, target_tokens=2).compressed_tokens == 2
-    scored = pc.compress(LINES, target_tokens=len(ctx) // 2, method="dac-words", line_breaks="score")
+    assert pc.compress(LINES, target_tokens=2, line_breaks=lines).compressed_tokens == 2
+
+
+def test_line_breaks_option(pc):
+    scored = pc.compress(LINES, rate=0.5, method="dac-words", line_breaks="score")
     assert scored.compressed_text.count("\n") < LINES.count("\n")
-    with pytest.raises(InputError, match="line_breaks must be one of score, keep"):
+    with pytest.raises(InputError, match="line_breaks must be one of score, structure, keep"):
         pc.compress(LINES, rate=0.5, line_breaks="always")
-
-
-def test_word_units_partition_the_tokens(pc, text):
-    tok = pc.tokenizer
-    chars = tokenize_context(tok, text)
-    ctx = tokenize_context(tok, text, unit="word")
-    assert torch.equal(ctx.ids, chars.ids)
-    assert set(ctx.unit_starts.tolist()) <= set(chars.unit_starts.tolist())  # words are whole characters
-    texts = unit_texts(tok, ctx.ids, ctx.unit_starts)
-    assert "".join(texts) == text
-    assert all("\ufffd" not in t for t in texts)
-    assert len(texts) < len(chars.unit_starts)
-    # no unit has whitespace after its first non-space character: a word starts where a space does
-    assert all(not any(ch.isspace() for ch in t.lstrip()) for t in texts)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("rate", [0.5, 0.2])
 def test_word_units_keep_words_whole(pc, text, method, rate):
-    lines = METHODS[method]().line_breaks == "keep"  # a line break is then a unit of its own
-    ctx = tokenize_context(pc.tokenizer, text, unit="word", line_breaks=lines)
+    lines = METHODS[method]().line_breaks  # the line breaks it keeps are units of their own
+    ctx = tokenize_context(pc.tokenizer, text, unit="word", lines=lines)
     result = pc.compress(text, rate=rate, method=method, unit="word")
     n = len(ctx)
     target = max(1, int(rate * n + 0.5))

@@ -8,6 +8,7 @@ and names, of which a reader (or an attention head) then sees half.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Sequence
 from itertools import pairwise
@@ -40,9 +41,41 @@ def _is_space(text: str) -> bool:
     return text.isspace()
 
 
-def is_line_break(text: str) -> bool:
-    """Whitespace that ends a line: the structure of a text (paragraphs, headings, list items)."""
-    return text.isspace() and "\n" in text
+LINE_BREAKS = ("score", "structure", "keep")  # which line breaks a compressor keeps: none, structural, all
+# What starts a structured line: a heading, a list item, a quote, a table row, a numbered item.
+_STRUCTURED_LINE = re.compile(r"\s*(#|[-*+>|\u2022]|\d+[.)])")
+
+
+def line_breaks(texts: Sequence[str], mode: str) -> list[bool]:
+    """Which character units (by their texts) are line breaks to keep under ``mode``.
+
+    ``"keep"``: every whitespace unit holding a newline. ``"structure"``: only
+    those of the breaks that carry the text's structure: a blank line
+    (paragraphs), a line break before an indented line or before a heading,
+    list item, quote or table row. A newline inside a hard-wrapped paragraph
+    is then a space like any other, which costs no budget in prose that
+    wraps every 70 characters. ``"score"``: none.
+    """
+    if mode not in LINE_BREAKS:
+        raise ValueError(f"line_breaks must be one of {', '.join(LINE_BREAKS)}, got {mode!r}")
+    marks = [False] * len(texts)
+    if mode == "score":
+        return marks
+    u, n = 0, len(texts)
+    while u < n:
+        if not texts[u].isspace():
+            u += 1
+            continue
+        end = u
+        while end < n and texts[end].isspace():
+            end += 1
+        run = "".join(texts[u:end])
+        if "\n" in run and (mode == "keep" or run.count("\n") >= 2 or run.rpartition("\n")[2]
+                            or _STRUCTURED_LINE.match("".join(texts[end : end + 3]))):
+            for v in range(u, end):
+                marks[v] = "\n" in texts[v]
+        u = end
+    return marks
 
 
 def _is_punct(text: str) -> bool:
@@ -55,7 +88,8 @@ def _is_wide(text: str) -> bool:
     return any(unicodedata.east_asian_width(ch) in "WF" for ch in text)
 
 
-def word_starts(texts: Sequence[str], sizes: Sequence[int], punctuation: str = "own", lines: bool = False) -> list[int]:
+def word_starts(texts: Sequence[str], sizes: Sequence[int], punctuation: str = "own",
+                breaks: Sequence[bool] | None = None) -> list[int]:
     """Which character units (given their texts and token counts) begin a word unit.
 
     A word is a run of non-space text with the whitespace before it (so
@@ -66,10 +100,10 @@ def word_starts(texts: Sequence[str], sizes: Sequence[int], punctuation: str = "
     before them (``"attached"``: "4992383." stays one unit, so whoever keeps
     the number also sees where it ends). Every character of a script without
     spaces is a word of its own. A word longer than ``MAX_WORD_TOKENS``
-    tokens is cut, so that budgets stay reachable. With ``lines`` a line
-    break (whitespace holding a newline) is a unit of its own instead of the
-    start of the next word, so a compressor can keep the text's lines while
-    dropping their first words.
+    tokens is cut, so that budgets stay reachable. Units marked in ``breaks``
+    (line breaks, see :func:`line_breaks`) are units of their own instead of
+    the start of the next word, so a compressor can keep the text's lines
+    while dropping their first words.
     """
     if punctuation not in PUNCTUATION:
         raise ValueError(f"punctuation must be one of {', '.join(PUNCTUATION)}, got {punctuation!r}")
@@ -83,7 +117,7 @@ def word_starts(texts: Sequence[str], sizes: Sequence[int], punctuation: str = "
     starts, length = [], 0
     for u, (text, size) in enumerate(zip(texts, sizes)):
         prev = texts[u - 1] if u else ""
-        if u == 0 or (lines and (is_line_break(text) or is_line_break(prev))):
+        if u == 0 or (breaks is not None and (breaks[u] or breaks[u - 1])):
             new = True
         elif _is_space(prev):
             new = False  # whitespace belongs to the word after it

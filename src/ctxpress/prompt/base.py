@@ -12,10 +12,9 @@ import torch
 
 from ..errors import InputError
 from ..options import Configurable
+from ..words import LINE_BREAKS
 from .job import Job
 from .tokens import UNITS
-
-LINE_BREAKS = ("score", "keep")  # a line break is scored like any unit, or dropped last
 
 
 @dataclass(frozen=True)
@@ -27,9 +26,11 @@ class Method(Configurable, ABC):
     of its docstring is its one-line description. ``unit`` is what it keeps
     or drops: single tokens (the papers' granularity; a multi-byte character
     stays whole) or whole words (see :func:`ctxpress.words.word_starts`).
-    ``line_breaks="keep"`` makes every line break a unit that is dropped only
-    when the budget leaves nothing else, so compressed text keeps its
-    paragraphs, headings and list items apart.
+    ``line_breaks`` makes line breaks units that are dropped only when the
+    budget leaves nothing else, so compressed text keeps its paragraphs,
+    headings and list items apart: ``"structure"`` the breaks between
+    paragraphs and before structured lines, ``"keep"`` every one, ``"score"``
+    none (a line break is then ranked like any unit, as in the papers).
     """
 
     name: ClassVar[str] = "method"

@@ -139,8 +139,7 @@ class PromptCompressor:
         suffix = encode_plain(tok, SEPARATOR + question if question else "")
         jobs = []
         for context in contexts:
-            ctx = tokenize_context(tok, _context_text(context), force_tokens, algorithm.unit,
-                                   line_breaks=algorithm.line_breaks == "keep")
+            ctx = tokenize_context(tok, _context_text(context), force_tokens, algorithm.unit, algorithm.line_breaks)
             target = resolve_target(len(ctx), rate, target_tokens)
             jobs.append(Job(ctx, prefix, suffix, target, self.window_tokens))
         with self.lm.lock:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..words import decode_ids, is_line_break, unit_starts_from_decoding, word_starts
+from ..words import decode_ids, line_breaks, unit_starts_from_decoding, word_starts
 
 UNITS = ("token", "word")  # granularity of what a compressor keeps or drops
 
@@ -131,12 +131,12 @@ def _overlapping(spans: Sequence[tuple[int, int]], ranges: list[tuple[int, int]]
 
 
 def tokenize_context(
-    tokenizer, text: str, force: Sequence[str] = (), unit: str = "token", line_breaks: bool = False
+    tokenizer, text: str, force: Sequence[str] = (), unit: str = "token", lines: str = "score"
 ) -> TokenizedContext:
     """Token ids, units (``unit``: ``"token"`` or ``"word"``) and protection of a context string.
 
-    With ``line_breaks`` every line break is a unit of its own (also under
-    ``unit="word"``) and marked in ``breaks``, for methods that keep lines.
+    The line breaks that ``lines`` keeps (:func:`ctxpress.words.line_breaks`)
+    are units of their own (also under ``unit="word"``), marked in ``breaks``.
     """
     if unit not in UNITS:
         raise InputError(f"unit must be one of {', '.join(UNITS)}, got {unit!r}")
@@ -154,14 +154,14 @@ def tokenize_context(
     # Protection is decided per character unit; a word holding a protected token is kept whole (Job).
     protected = force_mask(tokenizer, text, ids, torch.tensor(starts, dtype=torch.long), spans, force)
     breaks = torch.zeros(len(ids), dtype=torch.bool)
-    if (unit == "word" or line_breaks) and starts:
+    if (unit == "word" or lines != "score") and starts:
         bounds = [*starts, len(ids)]
         texts = unit_texts(tokenizer, ids, torch.tensor(starts))
-        if line_breaks:
-            for u in (u for u, t in enumerate(texts) if is_line_break(t)):
-                breaks[bounds[u] : bounds[u + 1]] = True
+        marks = line_breaks(texts, lines)
+        for u in (u for u, mark in enumerate(marks) if mark):
+            breaks[bounds[u] : bounds[u + 1]] = True
         if unit == "word":
-            starts = [starts[w] for w in word_starts(texts, [b - a for a, b in pairwise(bounds)], lines=line_breaks)]
+            starts = [starts[w] for w in word_starts(texts, [b - a for a, b in pairwise(bounds)], breaks=marks)]
     return TokenizedContext(ids, torch.tensor(starts, dtype=torch.long), protected, breaks)
 
 
