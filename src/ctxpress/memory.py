@@ -26,7 +26,7 @@ def rss_bytes() -> int:
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-LARGE_BLOCK = 1 << 20  # bytes; at glibc's initial 128 KiB the small tensors' mappings cost 10% of throughput
+LARGE_BLOCK = 1 << 20  # bytes; at glibc's initial 128 KiB, mapping every small activation cost 10% of throughput
 
 
 def _libc():
@@ -46,9 +46,9 @@ def map_large_blocks(threshold: int | None = None) -> bool:
     free (up to 32 MiB), so a long-lived process that keeps allocating
     tensors of many sizes soon takes them from its heap, which they
     fragment: after a burst of requests the server's resident size stayed
-    about 370 MiB above its warm baseline even after ``malloc_trim``. A fixed
-    threshold of 1 MiB leaves about 70 MiB and lowers the peak by 600 MiB at
-    the same throughput (the README's load test). Call it before the model
+    290-370 MiB above its warm baseline even after ``malloc_trim``. A fixed
+    threshold of 1 MiB leaves 50-70 MiB and lowers the peak by 500-600 MiB,
+    for 2-7% of the throughput (the README's load test). Call it before the model
     loads; returns whether glibc took it (False elsewhere, or with a
     threshold of 0). ``threshold`` None: ``$CTXPRESS_MMAP_THRESHOLD`` if set,
     else ``LARGE_BLOCK``.
