@@ -28,7 +28,10 @@ def test_documents_share_one_budget_and_come_back_apart(pc):
         assert words(text) <= words(doc)  # nothing moved from one document to another
     joined = "\n\n".join(DOCS)
     whole = pc.compress(joined, rate=0.5)
-    assert sum(pc.count_tokens(t) for t in out) == pytest.approx(whole.compressed_tokens, abs=len(DOCS))
+    # the blank lines between documents are in the budget (the default keeps them) but not in the texts
+    separators = (len(DOCS) - 1) * pc.count_tokens("\n\n")
+    assert whole.compressed_tokens - separators - len(DOCS) <= sum(pc.count_tokens(t) for t in out)
+    assert sum(pc.count_tokens(t) for t in out) <= whole.compressed_tokens + len(DOCS)
     assert pc.compress_documents([], rate=0.5) == []
     for bad in ("one string", [1, 2]):
         with pytest.raises(InputError, match="list of strings"):

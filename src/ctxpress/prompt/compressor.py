@@ -182,8 +182,10 @@ class PromptCompressor:
         The method ranks the words of all documents together (one global
         budget, as retrieved passages need: a passage full of what matters
         keeps more of itself than one of filler). Budget and options as in
-        :meth:`compress`, counted over the documents joined by blank lines;
-        a document whose every token was dropped comes back as "".
+        :meth:`compress`, counted over the documents joined by blank lines
+        (which the default method keeps, so each costs a token or two of the
+        budget, and which are not part of the texts returned); a document
+        whose every token was dropped comes back as "".
         """
         if isinstance(documents, str) or not all(isinstance(doc, str) for doc in documents):
             raise InputError("documents must be a list of strings")
