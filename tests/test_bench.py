@@ -19,7 +19,7 @@ from ctxpress.bench.metrics import (
     normalize_answer,
 )
 from ctxpress.bench.profiles import Config, Profile, profile
-from ctxpress.bench.runner import RESULTS, Runner
+from ctxpress.bench.runner import LOCK, RESULTS, Runner
 from ctxpress.bench.synthetic import CommonWords, MultiKeyNeedle, VariableTracking
 from ctxpress.bench.tasks import NQ, KVRetrieval, NeedleInHaystack, split_indices
 from ctxpress.cli import main
@@ -167,6 +167,20 @@ def test_runner_rows_resume_and_report(tmp_path, data_dir, tiny_lm):
     assert len(summary) == 2 * len(configs)
     assert (out / "summary.md").read_text().count("| full |") == 3  # the overview and one table per task
     assert (out / "quality_vs_compression.png").stat().st_size > 1000
+
+
+@pytest.mark.skipif(__import__("os").name != "posix", reason="flock")
+def test_two_runs_never_write_one_folder(tmp_path, data_dir, tiny_lm):
+    import fcntl
+
+    profile_ = Profile("test", {"kv-retrieval": (KVRetrieval(pairs=4), 1)}, prompt_methods=(), kv_methods=(),
+                       max_new_tokens=2)
+    with (tmp_path / LOCK).open("w") as other:  # another run holds the folder
+        fcntl.flock(other, fcntl.LOCK_EX)
+        with pytest.raises(InputError, match="another ctxpress bench is writing to"):
+            Runner(tiny_lm, profile_, data_dir, tmp_path, progress=False).run()
+        assert not (tmp_path / RESULTS).exists()
+    assert len(read_records(Runner(tiny_lm, profile_, data_dir, tmp_path, progress=False).run())) == 1
 
 
 def test_resume_refuses_results_of_another_run(tmp_path, data_dir, tiny_lm):

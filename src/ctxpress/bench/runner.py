@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from .profiles import Config, Profile
 from .tasks import SPLITS, Example
 
 RESULTS = "examples.jsonl"
+LOCK = ".lock"  # held while a run writes the folder
 MANIFEST = "run.json"  # what produced the results, so a resume never mixes two different runs
 
 
@@ -60,6 +62,10 @@ class Runner:
 
     def run(self) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
+        with _only_writer(self.out):
+            return self._run()
+
+    def _run(self) -> Path:
         path = self.out / RESULTS
         self._check_manifest(path)
         complete_lines(path)  # drop a line cut by an interruption before appending
@@ -148,6 +154,24 @@ class Runner:
         return {"context": result.compressed_text,
                 "stats": {"context_tokens": result.origin_tokens, "kept_tokens": result.compressed_tokens,
                           "token_rate": result.rate, "prompt_seconds": time.perf_counter() - start}}
+
+
+@contextmanager
+def _only_writer(out: Path) -> Iterator[None]:
+    """Hold ``out`` for this run: two runs appending to one results file would interleave their rows.
+    The lock is the operating system's (``flock``), so a killed run never leaves it behind."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, as before
+        yield
+        return
+    with (out / LOCK).open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"another ctxpress bench is writing to {out}; "
+                             "wait for it or choose another --out") from None
+        yield
 
 
 __all__ = ["RESULTS", "Runner"]
