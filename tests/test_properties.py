@@ -34,7 +34,7 @@ def pc(tiny_lm):
 
 @given(text=texts, method=methods, unit=units, rate=rates)
 def test_output_is_the_inputs_own_units_in_order_within_budget(pc, text, method, unit, rate):
-    ctx = tokenize_context(pc.tokenizer, text, unit=unit)
+    ctx = tokenize_context(pc.tokenizer, text, unit=unit, lines=METHODS[method]().line_breaks)  # the method's units
     n = len(ctx)
     target = max(1, int(rate * n + 0.5))
     first = int(ctx.unit_starts[1]) if len(ctx.unit_starts) > 1 else n
