@@ -66,3 +66,17 @@ def test_protected_units_and_sizes():
     # only 2-token units left and one token to remove: overshoot by one
     dropped = select_drops(np.zeros(3), np.array([2, 2, 2]), np.ones(3, bool), 1, consecutive=False)
     assert dropped.sum() == 1
+
+
+def test_line_breaks_are_a_second_tier():
+    """A unit scored inf (a kept line break) goes only when no finite choice, swaps included, meets the quota."""
+    scores = np.array([0.1, 0.2, 0.3, np.inf])
+    sizes = np.array([2, 3, 1, 1])
+    droppable = np.ones(4, dtype=bool)
+    # the greedy walk drops 2 + 1 and is one short; the break would fit, but a swap (3 for 2) is exact
+    assert select_drops(scores, sizes, droppable, 4, consecutive=False).tolist() == [False, True, True, False]
+    finite = scores.copy()
+    finite[3] = 0.9  # as an ordinary unit it is simply taken by the walk
+    assert select_drops(finite, sizes, droppable, 4, consecutive=False).tolist() == [True, False, True, True]
+    # when nothing finite can make the quota, the break goes rather than the budget
+    assert select_drops(scores, sizes, droppable, 7, consecutive=False).tolist() == [True, True, True, True]
