@@ -8,13 +8,16 @@ a request with an unknown method option (the last two must be 4xx, never
 by status (429 when more than ``--max-queue`` wait), and the server's
 resident memory (its whole process tree) before (after one warm-up request per endpoint), at its
 peak during, and 5 s after the load; checks that
-the server still answers ``/healthz`` afterwards.
+the server still answers ``/healthz`` afterwards. ``--rounds N`` repeats the
+load N times against the same server, one row per round: memory that settles
+after the first rounds is retained, memory that climbs round after round grows
+with the number of requests.
 
 With ``--replicas N`` the server runs N model replicas on Ray Serve; compare
 the throughput of ``--replicas 1`` and ``--replicas 2`` on the same machine.
 
 Usage: python benchmarks/load_test.py [--clients 16] [--seconds 60] [--max-queue 8] [--replicas 1]
-       [--model smollm2-135m]
+       [--rounds 1] [--model smollm2-135m]
 """
 
 from __future__ import annotations
@@ -107,6 +110,32 @@ async def client(base: str, until: float, log: list, offset: int) -> None:
             log.append((status, time.perf_counter() - start, path))
 
 
+def run_round(base: str, args: argparse.Namespace, pid: int, baseline: int) -> tuple[float, list, int, int]:
+    """One load round against a running server: (seconds, request log, peak RSS, RSS 5 s after)."""
+    peak, sampling = [baseline], threading.Event()
+
+    def sample() -> None:
+        while not sampling.is_set():
+            peak[0] = max(peak[0], tree_rss(pid))
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    log: list = []
+    start = time.time()
+
+    async def run_all() -> None:
+        until = start + args.seconds
+        await asyncio.gather(*(client(base, until, log, k) for k in range(args.clients)))
+
+    asyncio.run(run_all())
+    elapsed = time.time() - start
+    sampling.set()
+    sampler.join()
+    time.sleep(5)  # the server trims its heap once the last request has left
+    return elapsed, log, peak[0], tree_rss(pid)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=16)
@@ -114,7 +143,12 @@ def main() -> None:
     parser.add_argument("--max-queue", type=int, default=8)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--replicas", type=int, default=1, help="model replicas (ctxpress serve --replicas)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="load rounds against the same server, one row each: memory after each round "
+                             "tells retained memory that settles from growth with the number of requests")
     args = parser.parse_args()
+    if args.rounds < 1 or args.clients < 1 or args.seconds <= 0:
+        parser.error("--rounds and --clients must be at least 1 and --seconds positive")
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -140,46 +174,27 @@ def main() -> None:
         for path, body in requests()[:2]:  # warm-up: both endpoints once, so the baseline holds what they load
             httpx.post(f"{base}{path}", json=body, timeout=120)
         baseline = tree_rss(server.pid)
-        peak, sampling = [baseline], threading.Event()
-
-        def sample() -> None:
-            while not sampling.is_set():
-                peak[0] = max(peak[0], tree_rss(server.pid))
-                time.sleep(0.1)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        log: list = []
-        start = time.time()
-
-        async def run_all() -> None:
-            until = start + args.seconds
-            await asyncio.gather(*(client(base, until, log, k) for k in range(args.clients)))
-
-        asyncio.run(run_all())
-        elapsed = time.time() - start
-        sampling.set()
-        sampler.join()
-        time.sleep(5)
-        after = tree_rss(server.pid)
+        rounds = [run_round(base, args, server.pid, baseline) for _ in range(args.rounds)]
         alive = httpx.get(f"{base}/healthz", timeout=10).status_code == 200
     finally:
         server.terminate()
         server.wait(timeout=30)
 
-    statuses = collections.Counter(str(s) for s, _, _ in log)
-    ok = sorted(t for s, t, _ in log if s == 200)
     gib = 2**20
-    row = [args.replicas, args.clients, f"{elapsed:.0f}", len(log), f"{len(ok) / elapsed:.2f}",
-           f"{statistics.median(ok):.2f}" if ok else "n/a",
-           f"{ok[min(len(ok) - 1, int(0.99 * len(ok)))]:.2f}" if ok else "n/a",
-           ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())),
-           f"{baseline / gib:.0f} / {peak[0] / gib:.0f} / {after / gib:.0f}", "yes" if alive else "NO"]
-    print(markdown_table(["replicas", "clients", "seconds", "requests", "answered/s", "p50 s", "p99 s", "by status",
-                          "server RSS MiB before / peak / after", "up after"], [row]))
-    if "500" in statuses or not alive:
+    rows = []
+    for k, (elapsed, log, peak, after) in enumerate(rounds, 1):
+        statuses = collections.Counter(str(s) for s, _, _ in log)
+        ok = sorted(t for s, t, _ in log if s == 200)
+        rows.append([k, args.replicas, args.clients, f"{elapsed:.0f}", len(log), f"{len(ok) / elapsed:.2f}",
+                     f"{statistics.median(ok):.2f}" if ok else "n/a",
+                     f"{ok[min(len(ok) - 1, int(0.99 * len(ok)))]:.2f}" if ok else "n/a",
+                     ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())),
+                     f"{baseline / gib:.0f} / {peak / gib:.0f} / {after / gib:.0f}",
+                     "yes" if alive or k < len(rounds) else "NO"])
+    print(markdown_table(["round", "replicas", "clients", "seconds", "requests", "answered/s", "p50 s", "p99 s",
+                          "by status", "server RSS MiB before / peak / after", "up after"], rows))
+    if any(s == 500 for _, log, _, _ in rounds for s, _, _ in log) or not alive:
         sys.exit(1)
-
 
 if __name__ == "__main__":
     main()
