@@ -19,11 +19,12 @@ FRAGMENTS = [
     "東京と大阪は日本の都市です。", "👩‍👩‍👧 family", "👍🏽", "🇫🇷", "e\u0301 combining", "שלום עולם", "مرحبا",
     "def f(x):\n    return x * 2\n", "| a | b |\n|---|---|\n| 1 | 2 |\n", '{"key": [1, 2.5, null]}',
     "x" * 120, "   \t  ", "\n\n\n", "\x00", "\x07\x1b[0m", "Zürich, naïve café.", "3.14159 and 2024-05-01",
+    "King Dinis of Portugal met Sigmund Freud on September 27, 2017 in São Paulo.",
 ]
 texts = st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(min_size=1, max_size=40)), min_size=1,
                  max_size=8).map(" ".join).filter(lambda t: t.strip())
 methods = st.sampled_from(sorted(METHODS))
-units = st.sampled_from(["token", "word"])
+units = st.sampled_from(["token", "word", "phrase"])
 rates = st.floats(min_value=0.05, max_value=1.0)
 
 

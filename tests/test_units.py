@@ -11,7 +11,7 @@ from ctxpress.errors import InputError
 from ctxpress.prompt import METHODS, PromptCompressor
 from ctxpress.prompt.tokens import tokenize_context, unit_texts
 from ctxpress.signals import token_signals
-from ctxpress.words import MAX_WORD_TOKENS, decode_ids, line_breaks, word_starts
+from ctxpress.words import MAX_PHRASE_WORDS, MAX_WORD_TOKENS, decode_ids, line_breaks, phrase_starts, word_starts
 
 
 @pytest.fixture
@@ -38,6 +38,26 @@ def test_word_rules():
         [0, MAX_WORD_TOKENS, 2 * MAX_WORD_TOKENS]
     assert word_starts([" x", "yz", "w"], [MAX_WORD_TOKENS - 2, 2, 1]) == [0, 2]  # counted in tokens
 
+
+
+def phrases(words_, sizes=None):
+    starts = phrase_starts(words_, sizes or [1] * len(words_))
+    return ["".join(words_[a:b]) for a, b in zip(starts, [*starts[1:], len(words_)])]
+
+
+def test_phrase_rules():
+    # names and dates are one unit, joiners inside them too; other words stand alone
+    assert phrases(["On", " September", " 27", ",", " 2017", ",", " King", " Dinis", " of", " Portugal", " met",
+                    " Procter", " &", " Gamble", " in", " San", " Francisco", "."]) == \
+        ["On September 27, 2017", ",", " King Dinis of Portugal", " met", " Procter & Gamble", " in",
+         " San Francisco", "."]
+    # a comma joins only before a number; a joiner needs a name on both sides; a newline ends a phrase
+    assert phrases([" Paris", ",", " France", " of", " course", " Notes", "\nHe"]) == \
+        [" Paris", ",", " France", " of", " course", " Notes", "\nHe"]
+    # a phrase never grows past MAX_PHRASE_WORDS words or MAX_WORD_TOKENS tokens
+    title = [" A"] * (MAX_PHRASE_WORDS + 2)
+    assert phrase_starts(title, [1] * len(title)) == [0, MAX_PHRASE_WORDS]
+    assert phrase_starts([" New", " York", " City"], [MAX_WORD_TOKENS - 2, 2, 1]) == [0, 2]
 
 def test_line_breaks_stand_alone_when_asked():
     texts = ["##", " Title", "\n\n", "First", " words", ".", " \n", "  ", "indented", " \t"]
@@ -80,10 +100,11 @@ def test_line_breaks_option(pc):
 
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("rate", [0.5, 0.2])
-def test_word_units_keep_words_whole(pc, text, method, rate):
+@pytest.mark.parametrize("unit", ["word", "phrase"])
+def test_word_units_keep_words_whole(pc, text, method, rate, unit):
     lines = METHODS[method]().line_breaks  # the line breaks it keeps are units of their own
-    ctx = tokenize_context(pc.tokenizer, text, unit="word", lines=lines)
-    result = pc.compress(text, rate=rate, method=method, unit="word")
+    ctx = tokenize_context(pc.tokenizer, text, unit=unit, lines=lines)
+    result = pc.compress(text, rate=rate, method=method, unit=unit)
     n = len(ctx)
     target = max(1, int(rate * n + 0.5))
     assert result.compressed_tokens <= target  # never more than asked
@@ -108,7 +129,7 @@ def test_words_reach_the_budget_on_plain_text(pc):
 
 
 def test_unit_is_validated(pc, text):
-    with pytest.raises(InputError, match="unit must be one of token, word"):
+    with pytest.raises(InputError, match="unit must be one of token, word, phrase"):
         pc.compress(text, rate=0.5, method="entropy", unit="sentence")
     with pytest.raises(InputError, match="unit_score must be one of mean, max"):
         pc.compress(text, rate=0.5, method="entropy", unit_score="median")

@@ -131,6 +131,46 @@ def word_starts(texts: Sequence[str], sizes: Sequence[int], punctuation: str = "
     return starts
 
 
+# Joiners inside a name or a date: "September 27, 2017", "King Dinis of Portugal", "Procter & Gamble".
+PHRASE_JOINERS = frozenset({",", "of", "de", "da", "del", "von", "van", "&", "-", "\u2013"})
+MAX_PHRASE_WORDS = 6
+
+
+def _name_or_number(text: str) -> bool:
+    core = text.strip()
+    return bool(core) and (core[0].isupper() or any(ch.isdigit() for ch in core))
+
+
+def phrase_starts(texts: Sequence[str], sizes: Sequence[int]) -> list[int]:
+    """Which word units (given their texts and token counts) begin a phrase unit.
+
+    A run of capitalised words and numbers, with the joiners of
+    ``PHRASE_JOINERS`` between two of them, is one phrase ("Sigmund Freud",
+    "September 27, 2017", "King Dinis of Portugal"): names and dates are the
+    answers a reader looks for, and a compressor that keeps "Sigmund" but
+    drops "Freud", or the year but not the day, keeps a fact it has
+    broken. Every other word is a phrase of its own. A phrase ends after
+    ``MAX_PHRASE_WORDS`` words or before it would pass ``MAX_WORD_TOKENS``
+    tokens, so budgets stay reachable.
+    """
+    n = len(texts)
+    named = [_name_or_number(t) and "\n" not in t for t in texts]
+    number = [any(ch.isdigit() for ch in t) for t in texts]
+    # A comma joins only before a number ("27, 2017"), not two clauses ("In 2017, Smith").
+    joins = [t.strip() in PHRASE_JOINERS and 0 < u < n - 1 and named[u - 1] and named[u + 1]
+             and (t.strip() != "," or number[u + 1]) for u, t in enumerate(texts)]
+    starts, words, length = [], 0, 0
+    for u, size in enumerate(sizes):
+        inside = u > 0 and words < MAX_PHRASE_WORDS and length + size <= MAX_WORD_TOKENS and (
+            joins[u] or (named[u] and (named[u - 1] or joins[u - 1])))
+        if not inside:
+            starts.append(u)
+            words, length = 0, 0
+        words += 1
+        length += size
+    return starts
+
+
 def token_words(tokenizer, ids: Sequence[int], punctuation: str = "own") -> torch.Tensor:
     """Word index of every token of ``ids`` (long, ascending from 0), special tokens included.
 

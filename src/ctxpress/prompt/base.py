@@ -25,7 +25,8 @@ class Method(Configurable, ABC):
     :mod:`ctxpress.options`); ``name`` is its registry name and the first line
     of its docstring is its one-line description. ``unit`` is what it keeps
     or drops: single tokens (the papers' granularity; a multi-byte character
-    stays whole) or whole words (see :func:`ctxpress.words.word_starts`).
+    stays whole), whole words (see :func:`ctxpress.words.word_starts`) or
+    phrases, where a name or a date is one unit (:func:`ctxpress.words.phrase_starts`).
     ``line_breaks`` makes line breaks units that are dropped only when the
     budget leaves nothing else, so compressed text keeps its paragraphs,
     headings and list items apart: ``"structure"`` the breaks between

@@ -2,7 +2,7 @@
 
 The budget is exact: a request for ``k`` context tokens gets ``k``, except
 when the units left to drop are all bigger than what remains to remove (a
-multi-token character, or a word under ``unit="word"``); then it gets a few
+multi-token character, or a word or a phrase under ``unit="word"`` or ``"phrase"``); then it gets a few
 fewer, never more. Staged methods spread the removal over stages whose
 targets are derived from the *original* length, so the last stage lands on ``k``.
 """

@@ -11,6 +11,8 @@ With ``unit="word"`` these character units are grouped further into words
 (:func:`ctxpress.words.word_starts`): a word with its leading whitespace, or one trailing
 punctuation mark. Dropping a token-level unit can glue its neighbours
 ("small local" -> "smalllocal") or shred a number; dropping a word cannot.
+``unit="phrase"`` groups words once more: a run of capitalised words and
+numbers (a name, a date) is one unit (:func:`ctxpress.words.phrase_starts`).
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..words import decode_ids, line_breaks, unit_starts_from_decoding, word_starts
+from ..words import decode_ids, line_breaks, phrase_starts, unit_starts_from_decoding, word_starts
 
-UNITS = ("token", "word")  # granularity of what a compressor keeps or drops
+UNITS = ("token", "word", "phrase")  # granularity of what a compressor keeps or drops
 
 # Character classes usable in ``force_tokens`` next to literal strings.
 FORCE_CLASSES = {
@@ -133,7 +135,7 @@ def _overlapping(spans: Sequence[tuple[int, int]], ranges: list[tuple[int, int]]
 def tokenize_context(
     tokenizer, text: str, force: Sequence[str] = (), unit: str = "token", lines: str = "score"
 ) -> TokenizedContext:
-    """Token ids, units (``unit``: ``"token"`` or ``"word"``) and protection of a context string.
+    """Token ids, units (``unit``: ``"token"``, ``"word"`` or ``"phrase"``) and protection of a context string.
 
     The line breaks that ``lines`` keeps (:func:`ctxpress.words.line_breaks`)
     are units of their own (also under ``unit="word"``), marked in ``breaks``.
@@ -154,14 +156,20 @@ def tokenize_context(
     # Protection is decided per character unit; a word holding a protected token is kept whole (Job).
     protected = force_mask(tokenizer, text, ids, torch.tensor(starts, dtype=torch.long), spans, force)
     breaks = torch.zeros(len(ids), dtype=torch.bool)
-    if (unit == "word" or lines != "score") and starts:
+    if (unit != "token" or lines != "score") and starts:
         bounds = [*starts, len(ids)]
         texts = unit_texts(tokenizer, ids, torch.tensor(starts))
         marks = line_breaks(texts, lines)
         for u in (u for u, mark in enumerate(marks) if mark):
             breaks[bounds[u] : bounds[u + 1]] = True
-        if unit == "word":
-            starts = [starts[w] for w in word_starts(texts, [b - a for a, b in pairwise(bounds)], breaks=marks)]
+        if unit != "token":
+            words = word_starts(texts, [b - a for a, b in pairwise(bounds)], breaks=marks)
+            if unit == "phrase":
+                word_bounds = [*words, len(texts)]
+                words = [words[w] for w in phrase_starts(
+                    ["".join(texts[a:b]) for a, b in pairwise(word_bounds)],
+                    [bounds[b] - bounds[a] for a, b in pairwise(word_bounds)])]
+            starts = [starts[w] for w in words]
     return TokenizedContext(ids, torch.tensor(starts, dtype=torch.long), protected, breaks)
 
 
