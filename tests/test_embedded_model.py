@@ -58,10 +58,11 @@ def test_dac_on_real_text(smollm, essay):
 
 
 def test_default_keeps_words_whole(smollm, essay):
-    """The default compresses in whole words: every word of the output is a word of the input."""
+    """The default compresses in whole words (names and dates as one unit): every word of the output is a
+    word of the input."""
     pc = PromptCompressor(smollm, progress=False)
     result = pc.compress(essay, rate=0.4)
-    assert result.method == "dac-words" and result.settings["unit"] == "word"
+    assert result.method == "dac-words" and result.settings["unit"] == "phrase"
     assert result.compressed_tokens <= round(0.4 * result.origin_tokens)
     # Trailing punctuation marks are units of their own (one may follow a different word after
     # compression), so words are compared without them: each kept word is a whole input word.

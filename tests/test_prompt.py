@@ -250,7 +250,7 @@ def test_multiplicative_fusion(pc, text):
 # keys of its settings (DAC's "auto" stages are None).
 FUSED = ("unit", "line_breaks", "stages", "consecutive", "unit_score", "alpha", "fusion", "attention_from")
 DEFAULTS = {
-    "dac-words": dict(zip(FUSED, ("word", "structure", 1, False, "mean", 0.8, "additive", "all"))),
+    "dac-words": dict(zip(FUSED, ("phrase", "structure", 1, False, "mean", 0.8, "additive", "all"))),
     "dac": dict(zip(FUSED, ("token", "score", None, True, "mean", 0.8, "additive", "all"))),
     "dac-static": dict(zip(FUSED, ("token", "score", 1, False, "mean", 0.8, "additive", "all"))),
     "entropy": dict(zip(FUSED, ("token", "score", 1, False, "mean", 0.0, "additive", "all"))),
