@@ -110,8 +110,11 @@ async def client(base: str, until: float, log: list, offset: int) -> None:
             log.append((status, time.perf_counter() - start, path))
 
 
-def run_round(base: str, args: argparse.Namespace, pid: int, baseline: int) -> tuple[float, list, int, int]:
-    """One load round against a running server: (seconds, request log, peak RSS, RSS 5 s after)."""
+def run_round(base: str, args: argparse.Namespace, pid: int, baseline: int) -> tuple[float, list, int, int, bool]:
+    """One load round against a running server: (seconds, request log, peak RSS, RSS 5 s after,
+    whether it still answers ``/healthz``)."""
+    import httpx
+
     peak, sampling = [baseline], threading.Event()
 
     def sample() -> None:
@@ -133,7 +136,8 @@ def run_round(base: str, args: argparse.Namespace, pid: int, baseline: int) -> t
     sampling.set()
     sampler.join()
     time.sleep(5)  # the server trims its heap once the last request has left
-    return elapsed, log, peak[0], tree_rss(pid)
+    after = tree_rss(pid)
+    return elapsed, log, peak[0], after, httpx.get(f"{base}/healthz", timeout=10).status_code == 200
 
 
 def main() -> None:
@@ -175,26 +179,26 @@ def main() -> None:
             httpx.post(f"{base}{path}", json=body, timeout=120)
         baseline = tree_rss(server.pid)
         rounds = [run_round(base, args, server.pid, baseline) for _ in range(args.rounds)]
-        alive = httpx.get(f"{base}/healthz", timeout=10).status_code == 200
     finally:
         server.terminate()
         server.wait(timeout=30)
 
     gib = 2**20
     rows = []
-    for k, (elapsed, log, peak, after) in enumerate(rounds, 1):
+    for number, (elapsed, log, peak, after, alive) in enumerate(rounds, 1):
         statuses = collections.Counter(str(s) for s, _, _ in log)
         ok = sorted(t for s, t, _ in log if s == 200)
-        rows.append([k, args.replicas, args.clients, f"{elapsed:.0f}", len(log), f"{len(ok) / elapsed:.2f}",
+        rows.append([number, args.replicas, args.clients, f"{elapsed:.0f}", len(log), f"{len(ok) / elapsed:.2f}",
                      f"{statistics.median(ok):.2f}" if ok else "n/a",
                      f"{ok[min(len(ok) - 1, int(0.99 * len(ok)))]:.2f}" if ok else "n/a",
                      ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())),
                      f"{baseline / gib:.0f} / {peak / gib:.0f} / {after / gib:.0f}",
-                     "yes" if alive or k < len(rounds) else "NO"])
+                     "yes" if alive else "NO"])
     print(markdown_table(["round", "replicas", "clients", "seconds", "requests", "answered/s", "p50 s", "p99 s",
                           "by status", "server RSS MiB before / peak / after", "up after"], rows))
-    if any(s == 500 for _, log, _, _ in rounds for s, _, _ in log) or not alive:
+    if any(s == 500 for _, log, _, _, _ in rounds for s, _, _ in log) or not all(r[4] for r in rounds):
         sys.exit(1)
+
 
 if __name__ == "__main__":
     main()
