@@ -39,7 +39,6 @@ def test_word_rules():
     assert word_starts([" x", "yz", "w"], [MAX_WORD_TOKENS - 2, 2, 1]) == [0, 2]  # counted in tokens
 
 
-
 def phrases(words_, sizes=None):
     starts = phrase_starts(words_, sizes or [1] * len(words_))
     return ["".join(words_[a:b]) for a, b in zip(starts, [*starts[1:], len(words_)])]
@@ -58,6 +57,19 @@ def test_phrase_rules():
     title = [" A"] * (MAX_PHRASE_WORDS + 2)
     assert phrase_starts(title, [1] * len(title)) == [0, MAX_PHRASE_WORDS]
     assert phrase_starts([" New", " York", " City"], [MAX_WORD_TOKENS - 2, 2, 1]) == [0, 2]
+
+
+def test_phrase_units_come_from_the_context(pc):
+    """unit="phrase" groups the context's words: a name is one unit there, two under unit="word"."""
+    text = "Yesterday Sigmund Freud wrote a letter."
+
+    def units(unit):
+        ctx = tokenize_context(pc.tokenizer, text, unit=unit)
+        return unit_texts(pc.tokenizer, ctx.ids, ctx.unit_starts)
+
+    assert units("phrase") == ["Yesterday Sigmund Freud", " wrote", " a", " letter", "."]
+    assert units("word") == ["Yesterday", " Sigmund", " Freud", " wrote", " a", " letter", "."]
+
 
 def test_line_breaks_stand_alone_when_asked():
     texts = ["##", " Title", "\n\n", "First", " words", ".", " \n", "  ", "indented", " \t"]
