@@ -57,6 +57,15 @@ class Store(ABC):
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values to attend over, (b, kv_heads, len(self), d); built on demand, never kept."""
 
+    def write_into(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write :meth:`materialize`'s tensors into the given slices (of a larger cache being assembled).
+
+        A store that decodes its tensors (low-bit codes) overrides this to decode in place.
+        """
+        materialized = self.materialize()
+        keys.copy_(materialized[0])
+        values.copy_(materialized[1])
+
     def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
         """Attention output (b, q, heads, d) of ``query`` (b, heads, q, d) over :meth:`materialize`'s tensors.
 
