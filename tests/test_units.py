@@ -31,6 +31,8 @@ def test_word_rules():
     # leading punctuation joins its word, trailing marks stand alone, one by one
     assert words([" (", "really", ").", "\n", "\n", "Next", " don", "'t", ",", " end", "."]) == \
         [" (really", ").", "\n\nNext", " don't", ",", " end", "."]
+    # a word of punctuation alone is one unit: dropping its opening quote cannot glue the rest on ("de&")
+    assert words([" de", ' "', "&", '"', " and", " --", "."]) == [" de", ' "&"', " and", " --."]
     # characters of scripts without spaces, and emoji, are words of their own
     assert words(["東", "京", "は", " emoji", " 👍", "🏽", " ok"]) == ["東", "京", "は", " emoji", " 👍", "🏽", " ok"]
     # a word never grows past MAX_WORD_TOKENS tokens

@@ -115,19 +115,26 @@ def word_starts(texts: Sequence[str], sizes: Sequence[int], punctuation: str = "
         follows_break = u + 1 == n or texts[u + 1][:1].isspace() or trailing[u + 1]
         trailing[u] = _is_punct(texts[u]) and not texts[u][:1].isspace() and follows_break
     starts, length = [], 0
+    core = False  # the space-delimited word so far has a unit that is not punctuation
     for u, (text, size) in enumerate(zip(texts, sizes)):
         prev = texts[u - 1] if u else ""
+        spaced = text[:1].isspace() or prev[-1:].isspace()
+        if u == 0 or spaced:
+            core = False
         if u == 0 or (breaks is not None and (breaks[u] or breaks[u - 1])):
             new = True
         elif _is_space(prev):
             new = False  # whitespace belongs to the word after it
         else:
-            new = (text[:1].isspace() or prev[-1:].isspace() or (own and (trailing[u] or trailing[u - 1]))
+            # Trailing punctuation splits off only a word's tail: a word of punctuation alone ('"&"')
+            # is one unit, or dropping its opening quote would glue the rest to the word before.
+            new = (spaced or (own and core and (trailing[u] or trailing[u - 1]))
                    or _is_wide(text) or _is_wide(prev) or length + size > MAX_WORD_TOKENS)
         if new:
             starts.append(u)
             length = 0
         length += size
+        core = core or not _is_punct(text)
     return starts
 
 
