@@ -211,33 +211,41 @@ class LayerPlan:
         keys = interleave(self.layer.keys[0, g, tokens])
         return unrotate(keys, phases(self.rotary, tokens, keys, self.n))
 
-    def _layout(self, keep: int) -> tuple[int, list[int | None]]:
+    def coded_bytes(self, columns: int) -> tuple[int, int]:
+        """Bytes of the keys and of the values of ``columns`` stored columns, if coded (needs
+        :meth:`prepare` on at least as many): entries and their group tags, an index and a magnitude
+        per column, and for keys the positions that re-apply RoPE."""
+        cells = self.kv_heads * columns
+        sizes = []
+        for part in (0, 1):
+            count = int(np.searchsorted(self._entry_firsts[part], columns))
+            coded = count * (self.dim * self.itemsize + 1)
+            coded += cells * (dtype_size(index_dtype(count)) + self.itemsize)
+            coded += cells * 4 if part == 0 else 0
+            sizes.append(coded)
+        return sizes[0], sizes[1]
+
+    def layout(self, keep: int) -> tuple[int, list[int | None]]:
         """Columns stored for ``keep`` and per part (K, V) the bytes coded, or None for dense.
 
         A part is coded when its codebook makes it smaller than storing the
         vectors as they are, by at least ``min_saving`` of the dense size
         (always, with ``dense_fallback=False``): dense parts are read as they
-        are at each step, coded ones rebuilt. Coded keys also pay for their
-        positions.
+        are at each step, coded ones rebuilt.
         """
         columns = self.width(keep)
         if not self.press.codebook:
             return columns, [None, None]
-        cells = self.kv_heads * columns
-        dense = cells * self.dim * self.itemsize
+        dense = self.kv_heads * columns * self.dim * self.itemsize
         layout: list[int | None] = []
-        for part in (0, 1):
-            count = int(np.searchsorted(self._entry_firsts[part], columns))
-            coded = count * (self.dim * self.itemsize + 1)  # entries and their group tags
-            coded += cells * (dtype_size(index_dtype(count)) + self.itemsize)  # index and magnitude per column
-            coded += cells * 4 if part == 0 else 0  # positions, to re-apply RoPE
+        for coded in self.coded_bytes(columns):
             worth = coded < dense and coded <= (1 - self.press.min_saving) * dense
             layout.append(coded if worth or not self.press.dense_fallback else None)
         return columns, layout
 
     def nbytes(self, keep: int) -> int:
         """Exact bytes of the store :meth:`store` would build for ``keep``."""
-        columns, layout = self._layout(keep)
+        columns, layout = self.layout(keep)
         dense = self.kv_heads * columns * self.dim * self.itemsize
         return self.selectors * columns + sum(dense if coded is None else coded for coded in layout)
 
@@ -245,7 +253,7 @@ class LayerPlan:
         """The compressed layer for ``keep`` tokens per head."""
         if self.press.codebook and self.width(keep) > self.built:
             self.prepare(keep)
-        columns, layout = self._layout(keep)
+        columns, layout = self.layout(keep)
         tokens = self.order[:, :columns]  # (kv_heads, columns)
         # a group's heads see their tokens up to the union rank of its first token not stored
         bound = torch.as_tensor(self._sorted_union[:, columns], device=tokens.device)
