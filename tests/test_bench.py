@@ -258,7 +258,8 @@ def test_profile_restricted_to_methods():
     with pytest.raises(InputError, match="no method snapkv"):
         profile("prompt").only(["snapkv"])
     kv = profile("kv")
-    assert len(kv.configs()) == 1 + 8 * 3 * 2 and {"quantized", "snapkv-words", "snapkv-tiered"} <= set(kv.kv_methods)
+    assert len(kv.configs()) == 1 + 9 * 3 * 2
+    assert {"quantized", "snapkv-words", "snapkv-tiered", "spindlekv-words"} <= set(kv.kv_methods)
     assert sum(count for _, count in kv.tasks.values()) >= 160
     narrow = kv.only(["snapkv", "snapkv:unit=word"]).at(ratios=["0.2"], settings=["aware"])
     assert [c.label for c in narrow.configs()] == ["full", "kv:snapkv@0.2:aware", "kv:snapkv:unit=word@0.2:aware"]

@@ -20,6 +20,7 @@ from ctxpress.kv import (
 )
 from ctxpress.kv.lowbit import QuantizedStore
 from ctxpress.kv.scores import by_unit
+from ctxpress.kv.store import DenseColumns
 from ctxpress.words import token_words
 
 from conftest import N, reference_layers
@@ -120,6 +121,36 @@ def test_spindlekv_by_words_keeps_its_byte_budget(tiny_lm, prompt):
     with torch.no_grad():
         tiny_lm.model(prompt, **with_cache(tiny_lm.model, cache))
     assert cache.nbytes() <= 0.3 * cache.dense_nbytes()
+
+
+def test_spindlekv_words_gives_each_head_whole_words_without_codebooks(tiny_lm, prompt):
+    press = build_press("spindlekv-words", ratio=0.3)
+    assert press.unit == "word" and press.per_head and not press.codebook
+    units = words_of(N)
+    cache = press.cache(tiny_lm.model, units)
+    with torch.no_grad():
+        tiny_lm.model(prompt, **with_cache(tiny_lm.model, cache))
+    assert cache.nbytes() <= 0.3 * cache.dense_nbytes()
+    dense, _ = reference_layers(tiny_lm.model, prompt)
+    window = press.effective_window(N)
+    differ = False
+    for layer, (keys, _) in zip(cache.layers, dense):
+        store = layer.store
+        assert isinstance(store.keys, DenseColumns) and isinstance(store.values, DenseColumns)
+        stored = store.keys.materialize()  # (kv_heads, columns, d)
+        per_group = store.visible.shape[0] // stored.shape[0]
+        seen = []
+        for head, visible in enumerate(store.visible):
+            group = head // per_group
+            # the prompt position of every column this head sees: its key is that position's key
+            found = torch.cdist(stored[group, visible], keys[0, group]).argmin(dim=-1)
+            kept = set(found.tolist())
+            seen.append(kept)
+            cut = {int(u) for u in units.unique()
+                   if 0 < sum(int(t) in kept for t in torch.nonzero(units == u)) < int((units == u).sum())}
+            assert len(cut - {int(units[N - window])}) <= 1  # whole words but the window's first and the last
+        differ = differ or any(seen[h] != seen[h - h % per_group] for h in range(len(seen)))
+    assert differ  # heads of a group choose for themselves
 
 
 def test_the_default_press_is_snapkv_over_whole_words(tiny_lm):

@@ -11,12 +11,12 @@ from .generation import CompressedContext, GenerationResult, answer_questions
 from .presses import H2O, EvictionPress, KVPress, PyramidKV, SnapKV, SnapKVWords, StreamingLLM
 from .quantized import QuantizedKV
 from .registry import DEFAULT_METHOD, DEFAULT_RATIO, PRESSES, build_press, press_with_budget
-from .spindle import SpindleKV
+from .spindle import SpindleKV, SpindleKVWords
 from .tiered import SnapKVTiered
 
 __all__ = [
     "DEFAULT_METHOD", "DEFAULT_RATIO", "H2O", "PRESSES", "CompressedCache", "CompressedContext", "EvictionPress",
     "GenerationResult", "KVPress", "Press", "PyramidKV", "QuantizedKV", "SnapKV", "SnapKVTiered", "SnapKVWords",
-    "SpindleKV", "Store", "StreamingLLM", "answer_questions", "build_press", "cache_dense_nbytes", "cache_nbytes",
-    "press_with_budget",
+    "SpindleKV", "SpindleKVWords", "Store", "StreamingLLM", "answer_questions", "build_press", "cache_dense_nbytes",
+    "cache_nbytes", "press_with_budget",
 ]

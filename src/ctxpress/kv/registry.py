@@ -6,7 +6,7 @@ from ..errors import InputError
 from ..options import build
 from .presses import H2O, KVPress, PyramidKV, SnapKV, SnapKVWords, StreamingLLM
 from .quantized import QuantizedKV
-from .spindle import SpindleKV
+from .spindle import SpindleKV, SpindleKVWords
 from .tiered import SnapKVTiered
 
 PRESSES: dict[str, type[KVPress]] = {
@@ -18,6 +18,7 @@ PRESSES: dict[str, type[KVPress]] = {
     "snapkv-tiered": SnapKVTiered,
     "pyramidkv": PyramidKV,
     "spindlekv": SpindleKV,
+    "spindlekv-words": SpindleKVWords,
     "quantized": QuantizedKV,
 }
 
