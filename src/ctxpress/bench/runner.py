@@ -1,11 +1,13 @@
 """Run a profile's grid over its tasks, one JSON line per (example, configuration).
 
 For every example and prompt configuration the (possibly compressed) prompt
-is built once; every KV configuration then prefills and compresses its
+is built once; every KV configuration then compresses the cache of its
 context part (with the question, for question-aware configurations),
-answers greedily, and scores the gold answer under teacher forcing. Lines
-are appended and flushed as they are produced: an interrupted run resumes
-where it stopped.
+answers greedily, and scores the gold answer under teacher forcing. The
+configurations of one setting share one prefill (each press still gets the
+cache a prefill of its own would give it: :mod:`ctxpress.kv.fanout`), so
+``prefill_seconds`` is that shared pass's. Lines are appended and flushed
+as they are produced: an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ..chat import prompt_ids
 from ..errors import InputError
 from ..jsonl import complete_lines, read_records
 from ..kv import build_press, press_with_budget
+from ..kv.fanout import prefill_needs
 from ..kv.generation import CompressedContext
 from ..memory import PeakMemory
 from ..models import LoadedModel
@@ -103,17 +106,17 @@ class Runner:
             context_ids, question_ids = prompt_ids(tok, example.instruction + "\n\n" + prompt["context"],
                                                    example.question)
             reference = None
+            whole = torch.cat([context_ids, question_ids, answer_ids], dim=1)
+            presses = {config.label: press_with_budget(*_kv_spec(config)) for config in group}  # full: none
+            contexts = _SharedPrefills(self.lm, group, presses)
             for config in group:
                 # Question-aware: the question is prefilled (and seen by the press) but its last token,
                 # which generation feeds. The answer rows are the same in both settings.
                 cut = context_ids.shape[1] + (question_ids.shape[1] - 1 if config.question_aware else 0)
-                whole = torch.cat([context_ids, question_ids, answer_ids], dim=1)
                 prefix, asked = whole[:, :cut], whole[:, cut : context_ids.shape[1] + question_ids.shape[1]]
                 forced, answer_rows = whole[:, cut:], slice(asked.shape[1], None)
                 with self.lm.lock, PeakMemory(self.lm.device) as peak:
-                    kv_name, kv_options = parse_spec(config.kv_method)
-                    press = press_with_budget(kv_name, config.kv_ratio, options=kv_options)  # the reference: none
-                    ctx = CompressedContext(self.lm, prefix, press)
+                    ctx = contexts.take(config, prefix)
                     new, speed = ctx.generate(asked, self.profile.max_new_tokens or task.max_new_tokens)
                     logits = ctx.next_token_logits(forced)[answer_rows]
                 if config.kv_method == "full":
@@ -154,6 +157,33 @@ class Runner:
         return {"context": result.compressed_text,
                 "stats": {"context_tokens": result.origin_tokens, "kept_tokens": result.compressed_tokens,
                           "token_rate": result.rate, "prompt_seconds": time.perf_counter() - start}}
+
+
+def _kv_spec(config: Config) -> tuple[str, float | None, None, dict]:
+    """``press_with_budget``'s arguments for a configuration's KV method."""
+    name, options = parse_spec(config.kv_method)
+    return name, config.kv_ratio, None, options
+
+
+class _SharedPrefills:
+    """The compressed contexts of one example's configurations, built on first use: all configurations
+    with the same prefix whose presses need the same from a prefill share one
+    (:meth:`CompressedContext.sharing_prefill`), so a prompt is prefilled once per setting, not once
+    per method. Each configuration's context is handed out once and then forgotten."""
+
+    def __init__(self, lm: LoadedModel, configs: list[Config], presses: dict) -> None:
+        self.lm, self.configs, self.presses = lm, configs, presses
+        self.ready: dict[str, CompressedContext] = {}
+
+    def take(self, config: Config, prefix: torch.Tensor) -> CompressedContext:
+        if config.label not in self.ready:
+            needs = prefill_needs(self.presses[config.label])
+            together = [c for c in self.configs if c.question_aware == config.question_aware
+                        and prefill_needs(self.presses[c.label]) == needs]
+            contexts = CompressedContext.sharing_prefill(self.lm, prefix, [self.presses[c.label] for c in together])
+            self.ready.update({c.label: context for c, context in zip(together, contexts)})
+            self.configs = [c for c in self.configs if c not in together]
+        return self.ready.pop(config.label)
 
 
 @contextmanager

@@ -27,7 +27,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from ..attention import attention_with_column_sums, claim_next_attention
+from ..attention import ATTN_IMPLEMENTATION, attention_with_column_sums, claim_next_attention, register
 from ..compat import query_length
 from ..errors import InputError
 from .contracts import Press, Store
@@ -205,6 +205,15 @@ class CompressedCache(DynamicCache):
         """An independent copy sharing only the model reference."""
         memo = {id(self.state.model): self.state.model, id(self.state.press): self.state.press}
         return copy.deepcopy(self, memo)
+
+
+def compressed_cache(press: Press, model: torch.nn.Module, units: torch.Tensor | None = None) -> CompressedCache:
+    """A cache that ``press`` compresses after its first prefill, with ``model`` set to attend through
+    ctxpress (plain SDPA for everything but compressed caches)."""
+    register()
+    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return CompressedCache(press, model, units)
 
 
 def new_state(press: Press, model: torch.nn.Module) -> PressState:

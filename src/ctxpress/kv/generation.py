@@ -8,6 +8,7 @@ observation window sees it.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,8 @@ from ..errors import InputError
 from ..memory import PeakMemory
 from ..models import LoadedModel
 from ..words import token_words
+from .cache import CompressedCache, compressed_cache
+from .fanout import SharedPrefill
 from .presses import KVPress
 from .registry import build_press
 
@@ -77,12 +80,12 @@ class CompressedContext:
     one compression serves any number of questions.
     """
 
-    def __init__(self, lm: LoadedModel, prefix_ids: torch.Tensor, press: KVPress) -> None:
+    def __init__(self, lm: LoadedModel, prefix_ids: torch.Tensor, press: KVPress | SharedPrefill) -> None:
         self.lm, self.press = lm, press
         self.prefix_ids = prefix_ids.to(lm.device)
         punctuation = press.needs_words()
         units = None if punctuation is None else token_words(lm.tokenizer, self.prefix_ids[0].tolist(), punctuation)
-        self.cache = press.cache(lm.model, units)
+        self.cache = compressed_cache(press, lm.model, units)
         start = time.perf_counter()
         with torch.no_grad():
             out = lm.model(input_ids=self.prefix_ids, use_cache=True, logits_to_keep=1,
@@ -90,10 +93,27 @@ class CompressedContext:
         if self.prefix_ids.device.type == "cuda":
             torch.cuda.synchronize(self.prefix_ids.device)
         self.last_logits = out.logits[0, -1].float()  # predicts the first token after the prefix
-        self.compress_seconds = self.cache.compress_seconds
-        self.prefill_seconds = time.perf_counter() - start - self.compress_seconds
-        self.cache_bytes = self.cache.nbytes()
-        self.full_cache_bytes = self.cache.dense_nbytes()
+        self.prefill_seconds = time.perf_counter() - start - self.cache.compress_seconds
+        self._compressed(self.cache)
+
+    def _compressed(self, cache: CompressedCache) -> None:
+        self.cache, self.compress_seconds = cache, cache.compress_seconds
+        self.cache_bytes, self.full_cache_bytes = cache.nbytes(), cache.dense_nbytes()
+
+    @classmethod
+    def sharing_prefill(cls, lm: LoadedModel, prefix_ids: torch.Tensor,
+                        presses: Sequence[KVPress]) -> list[CompressedContext]:
+        """One context per press, all from one prefill of ``prefix_ids``: each holds the cache its press
+        builds from a prefill of its own (see :mod:`ctxpress.kv.fanout`); ``prefill_seconds`` is the
+        shared pass's. The presses must need the same from the prefill (:func:`prefill_needs`)."""
+        shared = cls(lm, prefix_ids, SharedPrefill(presses))
+        contexts = []
+        for press, cache in zip(presses, shared.press.caches, strict=True):
+            context = copy.copy(shared)
+            context.press = press
+            context._compressed(cache)
+            contexts.append(context)
+        return contexts
 
     def generate(self, suffix_ids: torch.Tensor, max_new_tokens: int, min_new_tokens: int = 0, *,
                  streamer: BaseStreamer | None = None, temperature: float | None = None,

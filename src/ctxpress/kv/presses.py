@@ -35,7 +35,7 @@ from ..errors import InputError
 from ..options import Configurable
 from ..words import PUNCTUATION
 from .budget import pyramid_keep, uniform_keep
-from .cache import CompressedCache, PressState, convert_cache, new_state
+from .cache import CompressedCache, PressState, compressed_cache, convert_cache, new_state
 from .contracts import PrefilledLayer, Press, Store
 from .lowbit import BITS, QuantizedStore, TieredStore, quantized_nbytes
 from .scores import NORMALIZE, UNIT_SCORES, UNITS, by_unit, group_mean, pool, window_scores
@@ -89,10 +89,7 @@ class KVPress(Configurable, Press):
         implementation is set to ctxpress's, which is plain SDPA for
         everything but compressed caches.
         """
-        register()
-        if model.config._attn_implementation != ATTN_IMPLEMENTATION:
-            model.set_attn_implementation(ATTN_IMPLEMENTATION)
-        return CompressedCache(self, model, units)
+        return compressed_cache(self, model, units)
 
     @contextmanager
     def __call__(self, model: torch.nn.Module) -> Iterator[KVPress]:
