@@ -92,8 +92,11 @@ def main() -> None:
     try:
         settings = [(spec, {} if spec == "default" else parse_options(spec.split(":")))
                     for spec in args.settings.split(",")]
-        for _, options in settings:  # a bad option fails here, before the model loads
-            press_with_budget("spindlekv", args.ratio, None, options)
+        for spec, options in settings:  # a bad option fails here, before the model loads
+            press = press_with_budget("spindlekv", args.ratio, None, options)
+            if not press.per_head and not press.codebook:
+                raise InputError(f"{spec}: with neither per-head choice nor codebooks SpindleKV is PyramidKV, "
+                                 "which has no plan to show")
     except InputError as exc:
         sys.exit(f"spindle_anatomy: {exc}")
     data = data_dir(args.data_dir)

@@ -261,6 +261,7 @@ def test_profile_restricted_to_methods():
     assert len(kv.configs()) == 1 + 9 * 3 * 2
     assert {"quantized", "snapkv-words", "snapkv-tiered", "spindlekv-words"} <= set(kv.kv_methods)
     assert sum(count for _, count in kv.tasks.values()) >= 160
+    assert kv.only(["snapkv", "quantized", "snapkv"]).kv_methods == ("snapkv", "quantized")  # once each
     narrow = kv.only(["snapkv", "snapkv:unit=word"]).at(ratios=["0.2"], settings=["aware"])
     assert [c.label for c in narrow.configs()] == ["full", "kv:snapkv@0.2:aware", "kv:snapkv:unit=word@0.2:aware"]
     for ratios, settings, match in ((["0"], None, "kept fraction in"), (["half"], None, "kept fraction in"),

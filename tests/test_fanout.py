@@ -12,7 +12,9 @@ GROUPS = [  # presses that need the same from a prefill: no words; words; attent
     [("full", {}), ("streaming", {"ratio": 0.3}), ("snapkv", {"ratio": 0.3}), ("pyramidkv", {"ratio": 0.2}),
      ("spindlekv", {"ratio": 0.3}), ("quantized", {"bits": 4})],
     [("snapkv-words", {"ratio": 0.3}), ("snapkv-tiered", {"ratio": 0.2}), ("spindlekv-words", {"ratio": 0.3})],
-    [("h2o", {"ratio": 0.3})],
+    [("h2o", {"ratio": 0.3}), ("h2o", {"ratio": 0.1})],  # the bench's case: one press at several ratios
+    [("snapkv", {"ratio": 0.5}), ("snapkv", {"ratio": 0.1}), ("quantized", {"ratio": 0.2}),
+     ("snapkv", {"ratio": 0.1, "bits": 8})],
 ]
 
 
@@ -21,8 +23,8 @@ def test_each_press_gets_the_cache_of_its_own_prefill(tiny_lm, group):
     torch.manual_seed(0)
     prefix = torch.randint(1, len(tiny_lm.tokenizer), (1, N))
     suffix = torch.randint(1, len(tiny_lm.tokenizer), (1, 6))
-    shared = CompressedContext.sharing_prefill(tiny_lm, prefix, [build_press(n, **o) for n, o in group])
-    assert len(shared) == len(group)
+    shared = list(CompressedContext.sharing_prefill(tiny_lm, prefix, [build_press(n, **o) for n, o in group]))
+    assert len(shared) == len(group) and len({id(context.cache) for context in shared}) == len(group)
     for (name, options), context in zip(group, shared):
         alone = CompressedContext(tiny_lm, prefix, build_press(name, **options))
         assert context.press.name == name
@@ -37,8 +39,22 @@ def test_each_press_gets_the_cache_of_its_own_prefill(tiny_lm, group):
                                    rtol=0, atol=0)
         new, _ = context.generate(suffix, 5)
         assert torch.equal(new, alone.generate(suffix, 5)[0])
-    # the contexts are independent: decoding from one left the others' caches as they were
-    assert shared[0].cache_bytes == shared[0].cache.nbytes()
+
+
+def test_each_cache_is_built_once_and_the_dense_prefill_let_go(tiny_lm):
+    torch.manual_seed(0)
+    prefix = torch.randint(1, len(tiny_lm.tokenizer), (1, N))
+    sharing = SharedPrefill([build_press("snapkv", ratio=0.3), build_press("streaming", ratio=0.3)])
+    prefilled = CompressedContext(tiny_lm, prefix, sharing)
+    dense = prefilled.cache.layers
+    assert all(layer.keys is not None and layer.store is None for layer in dense)  # the prefill stays dense
+    first = sharing.cache_for(0)
+    assert all(layer.keys is not None for layer in dense)  # still needed by the second press
+    with pytest.raises(ValueError, match="ask once"):
+        sharing.cache_for(0)
+    second = sharing.cache_for(1)
+    assert all(layer.keys is None and layer.values is None for layer in dense) and not sharing.layers
+    assert first.layers[0].store is not second.layers[0].store
 
 
 def test_presses_with_different_needs_do_not_share():
@@ -46,3 +62,8 @@ def test_presses_with_different_needs_do_not_share():
     assert prefill_needs(words) != prefill_needs(tokens)
     with pytest.raises(ValueError, match="same words and attention"):
         SharedPrefill([words, tokens])
+    with pytest.raises(ValueError, match="at least one press"):
+        SharedPrefill([])
+    sharing = SharedPrefill([tokens])
+    with pytest.raises(ValueError, match="run the prefill first"):
+        sharing.cache_for(0)

@@ -38,6 +38,43 @@ def test_token_groups_in_one_pass_equal_one_group_at_a_time(bits, n):
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
+def test_stores_decode_into_slices_as_the_formula_says(bits):
+    """Several chunks and a tail, batch 2, written into a strided slice of a larger tensor: each chunk
+    is code * step + minimum with its group's statistics, the tail as it is; a tiered store puts the
+    rest first."""
+    from ctxpress.kv.lowbit import TieredStore
+
+    torch.manual_seed(bits)
+    keys, values = torch.randn(2, 3, 45, 16), torch.randn(2, 3, 45, 16)
+    store = QuantizedStore(keys[..., :37, :], values[..., :37, :], bits, group=8)
+    for t in range(37, 45):  # one more full group of 8 is quantized as a chunk of its own
+        store.append(keys[..., t : t + 1, :], values[..., t : t + 1, :], t)
+    store.append(keys[..., :3, :], values[..., :3, :], 45)  # three more wait in the tail
+    assert len(store.key_chunks) == 2 and len(store.tail) == 3
+
+    def reference(chunk, group):
+        codes = _unpack(chunk.codes, bits).float()
+        low, step = chunk.low.float(), chunk.step.float()
+        if group:  # one row of statistics per group of tokens, repeated over the group
+            index = torch.arange(codes.shape[-2]) // group
+            low, step = low[..., index, :], step[..., index, :]
+        return codes * step + low
+
+    want_k = torch.cat([*(reference(c, 8) for c in store.key_chunks), store.tail.keys], dim=-2)
+    want_v = torch.cat([*(reference(c, None) for c in store.value_chunks), store.tail.values], dim=-2)
+    out = torch.zeros(2, 3, 60, 16)
+    store.write_into(out[..., 5:53, :], out[..., 5:53, :].clone().zero_())
+    torch.testing.assert_close(out[..., 5:53, :], want_k)
+    assert not out[..., :5, :].any() and not out[..., 53:, :].any()
+    for got, want in zip(store.materialize(), (want_k, want_v)):
+        torch.testing.assert_close(got, want)
+    rest = QuantizedStore(keys[..., :20, :], values[..., :20, :], 4, group=8)
+    tiered = TieredStore(store, rest)
+    for got, first, then in zip(tiered.materialize(), rest.materialize(), store.materialize()):
+        assert torch.equal(got, torch.cat([first, then], dim=-2))
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
 def test_store_counts_its_bytes_and_decodes_through_the_tail(tiny_lm, prompt, bits):
     cache = compressed(tiny_lm.model, QuantizedKV(bits=bits, group=32), prompt)
     dense, _ = reference_layers(tiny_lm.model, prompt)

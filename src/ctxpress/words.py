@@ -95,10 +95,11 @@ def word_starts(texts: Sequence[str], sizes: Sequence[int], punctuation: str = "
     A word is a run of non-space text with the whitespace before it (so
     dropping a word never glues its neighbours), its leading punctuation
     included ("(foo", "well-known", "1984" spelled digit by digit). Trailing
-    punctuation marks (",", ").") are units of their own (``punctuation="own"``:
-    a compressed text may drop a comma and keep its word) or end the word
-    before them (``"attached"``: "4992383." stays one unit, so whoever keeps
-    the number also sees where it ends). Every character of a script without
+    punctuation marks after a word's text (",", ").") are units of their own
+    (``punctuation="own"``: a compressed text may drop a comma and keep its
+    word) or end the word before them (``"attached"``: "4992383." stays one
+    unit, so whoever keeps the number also sees where it ends); a word of
+    punctuation alone (' "&"') is one unit. Every character of a script without
     spaces is a word of its own. A word longer than ``MAX_WORD_TOKENS``
     tokens is cut, so that budgets stay reachable. Units marked in ``breaks``
     (line breaks, see :func:`line_breaks`) are units of their own instead of

@@ -90,10 +90,11 @@ class Profile:
     def only(self, methods: list[str]) -> Profile:
         """This grid restricted to ``methods``: names of the profile's prompt or KV methods, or
         variants of them with options (``dac-static:unit=word:alpha=0.5``, checked here, before any
-        model loads). The full reference always runs, so ``["full"]`` is the reference alone."""
+        model loads). The full reference always runs, so ``["full"]`` is the reference alone. A method
+        named twice runs once (its rows share a key)."""
         known = set(self.prompt_methods) | set(self.kv_methods) | {"full"}
         prompt, kv = [], []
-        for spec in methods:
+        for spec in dict.fromkeys(methods):
             name, options = parse_spec(spec)
             if name not in known:
                 raise InputError(f"profile {self.name} has no method {name} "

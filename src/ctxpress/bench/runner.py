@@ -166,24 +166,31 @@ def _kv_spec(config: Config) -> tuple[str, float | None, None, dict]:
 
 
 class _SharedPrefills:
-    """The compressed contexts of one example's configurations, built on first use: all configurations
-    with the same prefix whose presses need the same from a prefill share one
-    (:meth:`CompressedContext.sharing_prefill`), so a prompt is prefilled once per setting, not once
-    per method. Each configuration's context is handed out once and then forgotten."""
+    """The compressed contexts of one example's configurations: configurations with the same prefix
+    whose presses need the same from a prefill share one (:meth:`CompressedContext.sharing_prefill`), so
+    a prompt is prefilled once per setting, not once per method. Each context is compressed when its
+    configuration's turn comes (configurations are taken in the order given), so memory holds the
+    dense prefill and one compressed cache, not all of them."""
 
     def __init__(self, lm: LoadedModel, configs: list[Config], presses: dict) -> None:
         self.lm, self.configs, self.presses = lm, configs, presses
-        self.ready: dict[str, CompressedContext] = {}
+        self.streams: dict[str, tuple[Iterator[CompressedContext], list[str]]] = {}  # by each one's first label
 
     def take(self, config: Config, prefix: torch.Tensor) -> CompressedContext:
-        if config.label not in self.ready:
+        key = next((k for k, (_, labels) in self.streams.items() if labels and labels[0] == config.label), None)
+        if key is None:
             needs = prefill_needs(self.presses[config.label])
             together = [c for c in self.configs if c.question_aware == config.question_aware
                         and prefill_needs(self.presses[c.label]) == needs]
-            contexts = CompressedContext.sharing_prefill(self.lm, prefix, [self.presses[c.label] for c in together])
-            self.ready.update({c.label: context for c, context in zip(together, contexts)})
+            if not together or together[0] != config:
+                raise ValueError(f"configurations are taken in the order given; {config.label} is out of turn")
             self.configs = [c for c in self.configs if c not in together]
-        return self.ready.pop(config.label)
+            key = config.label
+            stream = CompressedContext.sharing_prefill(self.lm, prefix, [self.presses[c.label] for c in together])
+            self.streams[key] = (stream, [c.label for c in together])
+        stream, labels = self.streams[key]
+        labels.pop(0)
+        return next(stream)
 
 
 @contextmanager

@@ -60,7 +60,9 @@ class Store(ABC):
     def write_into(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write :meth:`materialize`'s tensors into the given slices (of a larger cache being assembled).
 
-        A store that decodes its tensors (low-bit codes) overrides this to decode in place.
+        For stores in the plain layout (every head attends to every column, keys as transformers
+        gives them), whose tensors can be joined with others'. A store that decodes its tensors
+        (low-bit codes) overrides this to decode in place.
         """
         materialized = self.materialize()
         keys.copy_(materialized[0])

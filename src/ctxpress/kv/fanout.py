@@ -2,12 +2,14 @@
 
 Comparing presses on one prompt (the bench does, for every example) would
 otherwise repeat the same prefill forward pass once per press, and that pass
-is most of the cost of a long prompt. :class:`SharedPrefill` is a press that
-scores the prefill for every press it holds (they see the same queries and
-keys a prefill of their own would show them) and, after the last layer,
-gives each a fresh cache holding a copy of the dense prefill, its own
-scores, and its own compression. The prefill's cache itself stays dense and
-is dropped by its owner.
+is most of the cost of a long prompt. :class:`SharedPrefill` is the
+machinery for it, used in a press's place: during the prefill it asks every
+press it holds for its scores (each sees the queries and keys a prefill of
+its own would show it); afterwards :meth:`SharedPrefill.cache_for` gives a
+press a fresh cache holding a copy of the dense prefill and its own scores,
+compressed by that press. Caches are built one at a time, when asked for, so
+memory holds the dense prefill and the caches in use, not every press's at
+once; the dense prefill is released with the last.
 
 Presses that share a prefill must want the same from it: the same words of
 the prompt's tokens (:meth:`~ctxpress.kv.contracts.Press.needs_words`) and
@@ -32,20 +34,31 @@ def prefill_needs(press: Press) -> tuple[str | None, bool]:
     return press.needs_words(), press.needs_column_sums
 
 
+def _clock(device: torch.device) -> float:
+    """Now, after the device's queued work: on CUDA a timer would otherwise charge one press for
+    kernels another queued."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 class SharedPrefill(Press):
-    """Scores one prefill for several presses; after it, :attr:`caches` holds one compressed cache each."""
+    """Scores one prefill for several presses; :meth:`cache_for` then builds each one's cache."""
 
     name = "shared-prefill"
 
     def __init__(self, presses: Sequence[Press]) -> None:
-        needs = {prefill_needs(press) for press in presses}
-        if len(needs) != 1:
+        if not presses:
+            raise ValueError("give at least one press to share a prefill")
+        if len({prefill_needs(press) for press in presses}) != 1:
             raise ValueError("presses that share a prefill must need the same words and attention from it")
         self.presses = list(presses)
         self.needs_column_sums = self.presses[0].needs_column_sums
         self.scores: list[list[torch.Tensor | None]] = [[] for _ in self.presses]  # per press, per layer
         self.seconds = [0.0] * len(self.presses)  # per press: scoring and compressing, as its own cache counts
-        self.caches: list[CompressedCache] = []
+        self.layers: list[PrefilledLayer] = []  # the dense prefill, until the last press has its cache
+        self.model: torch.nn.Module | None = None
+        self.left = len(self.presses)
 
     @classmethod
     def takes_budget(cls, options: Mapping[str, object]) -> bool:
@@ -54,29 +67,47 @@ class SharedPrefill(Press):
     def needs_words(self) -> str | None:
         return self.presses[0].needs_words()
 
+    def cache(self, model: torch.nn.Module, units: torch.Tensor | None = None) -> CompressedCache:
+        """The cache the shared prefill runs through (it stays dense)."""
+        return compressed_cache(self, model, units)
+
     def score(self, query: torch.Tensor, key: torch.Tensor, scaling: float,
               columns: torch.Tensor | None) -> None:
         for i, press in enumerate(self.presses):
-            start = time.perf_counter()
-            self.scores[i].append(press.score(query, key, scaling, columns))
-            self.seconds[i] += time.perf_counter() - start
+            start = _clock(query.device)
+            # a copy of the shared column sums: no press can change what the next one is given
+            self.scores[i].append(press.score(query, key, scaling, None if columns is None else columns.clone()))
+            self.seconds[i] += _clock(query.device) - start
         return None
 
     def compress(self, layers: Sequence[PrefilledLayer], model: torch.nn.Module) -> None:
-        for i, press in enumerate(self.presses):
-            cache = compressed_cache(press, model, layers[0].units)
-            for shared, layer, scores in zip(layers, cache.layers, self.scores[i], strict=True):
-                # a copy each: a press may keep the prefill's tensors in its store and grow them in place
-                DynamicLayer.update(layer, shared.keys.clone(), shared.values.clone())
-                layer.seen, layer.scores = shared.seen, scores
-                layer.kv_heads, layer.head_dim = shared.keys.shape[1], shared.keys.shape[-1]
-                layer.dtype_size = shared.keys.element_size()
-            start = time.perf_counter()
-            press.compress(cache.layers, model)
-            cache.state.compressed = True
-            cache.state.compress_seconds = self.seconds[i] + time.perf_counter() - start
-            self.caches.append(cache)
-        self.scores = [[] for _ in self.presses]
+        self.layers, self.model = list(layers), model  # kept dense; each press compresses a copy
+
+    def cache_for(self, i: int) -> CompressedCache:
+        """Press ``i``'s cache, as its own prefill would have left it. Each press's cache is built once;
+        after the last, the dense prefill is let go."""
+        if not self.layers or not self.scores[i]:
+            raise ValueError(f"press {i}'s cache is not available: run the prefill first, and ask once")
+        press, model = self.presses[i], self.model
+        cache = press.cache(model, self.layers[0].units)
+        for shared, layer, scores in zip(self.layers, cache.layers, self.scores[i], strict=True):
+            # A copy each, so no store can grow the shared tensors in place (transformers' update
+            # concatenates, which copies too, but that is its business, not a promise).
+            DynamicLayer.update(layer, shared.keys.clone(), shared.values.clone())
+            layer.seen, layer.scores = shared.seen, scores
+            layer.kv_heads, layer.head_dim = shared.keys.shape[1], shared.keys.shape[-1]
+            layer.dtype_size = shared.keys.element_size()
+        self.scores[i] = []
+        start = _clock(self.layers[0].keys.device)
+        press.compress(cache.layers, model)
+        cache.state.compressed = True
+        cache.state.compress_seconds = self.seconds[i] + _clock(self.layers[0].keys.device) - start
+        self.left -= 1
+        if not self.left:  # the shared prefill's own layers hold the only dense copy left
+            for shared in self.layers:
+                shared.keys = shared.values = None
+            self.layers = []
+        return cache
 
 
 __all__ = ["SharedPrefill", "prefill_needs"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -22,7 +22,7 @@ from ..errors import InputError
 from ..memory import PeakMemory
 from ..models import LoadedModel
 from ..words import token_words
-from .cache import CompressedCache, compressed_cache
+from .cache import CompressedCache
 from .fanout import SharedPrefill
 from .presses import KVPress
 from .registry import build_press
@@ -85,7 +85,7 @@ class CompressedContext:
         self.prefix_ids = prefix_ids.to(lm.device)
         punctuation = press.needs_words()
         units = None if punctuation is None else token_words(lm.tokenizer, self.prefix_ids[0].tolist(), punctuation)
-        self.cache = compressed_cache(press, lm.model, units)
+        self.cache = press.cache(lm.model, units)
         start = time.perf_counter()
         with torch.no_grad():
             out = lm.model(input_ids=self.prefix_ids, use_cache=True, logits_to_keep=1,
@@ -102,18 +102,19 @@ class CompressedContext:
 
     @classmethod
     def sharing_prefill(cls, lm: LoadedModel, prefix_ids: torch.Tensor,
-                        presses: Sequence[KVPress]) -> list[CompressedContext]:
-        """One context per press, all from one prefill of ``prefix_ids``: each holds the cache its press
-        builds from a prefill of its own (see :mod:`ctxpress.kv.fanout`); ``prefill_seconds`` is the
-        shared pass's. The presses must need the same from the prefill (:func:`prefill_needs`)."""
-        shared = cls(lm, prefix_ids, SharedPrefill(presses))
-        contexts = []
-        for press, cache in zip(presses, shared.press.caches, strict=True):
-            context = copy.copy(shared)
+                        presses: Sequence[KVPress]) -> Iterator[CompressedContext]:
+        """One context per press, in order, all from one prefill of ``prefix_ids``: each holds the cache
+        its press builds from a prefill of its own (see :mod:`ctxpress.kv.fanout`), compressed when the
+        iterator reaches it; ``prefill_seconds`` is the shared pass's. The presses must need the same
+        from the prefill (:func:`~ctxpress.kv.fanout.prefill_needs`)."""
+        shared = SharedPrefill(presses)
+        prefilled = cls(lm, prefix_ids, shared)
+        prefilled.cache = None  # dense, and its layers are the shared prefill that SharedPrefill lets go
+        for i, press in enumerate(presses):
+            context = copy.copy(prefilled)
             context.press = press
-            context._compressed(cache)
-            contexts.append(context)
-        return contexts
+            context._compressed(shared.cache_for(i))
+            yield context
 
     def generate(self, suffix_ids: torch.Tensor, max_new_tokens: int, min_new_tokens: int = 0, *,
                  streamer: BaseStreamer | None = None, temperature: float | None = None,

@@ -74,8 +74,8 @@ class Quantized:
         return cls(_pack(codes.to(torch.uint8), bits), low, step, group)
 
     def values(self, bits: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The dequantized tensor, written into ``out`` if given: ``code * step + minimum`` in one fused
-        pass (the codes stay uint8 until then; a group's statistics are broadcast, not repeated)."""
+        """The dequantized tensor, written into ``out`` if given: ``code * step + minimum`` as one
+        multiply-add per part (a group's statistics are broadcast over its tokens, not repeated)."""
         codes = _unpack(self.codes, bits)
         low, step = self.low.to(dtype), self.step.to(dtype)
         if out is None:
