@@ -234,6 +234,23 @@ def test_cli_bench(tmp_path, data_dir, tiny_model_dir, capsys):
     assert code == 2 and "--data-dir" in capsys.readouterr().err
 
 
+def test_rows_of_a_shared_prefill_equal_rows_of_their_own(tmp_path, data_dir, tiny_lm):
+    """Presses of different needs (tokens, words, attention sums), in both settings, interleaved: every
+    row equals the row of a run where its method is alone (so each setting's prefill is its own)."""
+    methods = ("snapkv", "snapkv-words", "h2o", "quantized", "snapkv-tiered")
+    grid = Profile("shared", {"kv-retrieval": (KVRetrieval(pairs=4), 1)}, prompt_methods=(), kv_methods=methods,
+                   kv_ratios=(0.3,), kv_settings=("agnostic", "aware"), max_new_tokens=3)
+    together = {r["key"]: r for r in read_records(Runner(tiny_lm, grid, data_dir, tmp_path / "all",
+                                                         progress=False).run())}
+    assert len(together) == 1 + 2 * len(methods)
+    for method in methods:
+        alone = Runner(tiny_lm, grid.only([method]), data_dir, tmp_path / method, progress=False).run()
+        for row in read_records(alone):
+            shared = together[row["key"]]
+            assert (shared["answer"], shared["nll"], shared["kl"], shared["cache_bytes"]) == \
+                (row["answer"], row["nll"], row["kl"], row["cache_bytes"])
+
+
 def test_question_aware_rows_score_the_same_answer_tokens(tmp_path, data_dir, tiny_lm):
     """A press that keeps everything gives the full context's answer logits in both settings, so the
     question-aware rows are aligned on the same answer tokens (KL ~ 0, same NLL)."""
