@@ -234,15 +234,28 @@ def test_cli_bench(tmp_path, data_dir, tiny_model_dir, capsys):
     assert code == 2 and "--data-dir" in capsys.readouterr().err
 
 
-def test_rows_of_a_shared_prefill_equal_rows_of_their_own(tmp_path, data_dir, tiny_lm):
+def test_rows_of_a_shared_prefill_equal_rows_of_their_own(tmp_path, data_dir, tiny_lm, monkeypatch):
     """Presses of different needs (tokens, words, attention sums), in both settings, interleaved: every
     row equals the row of a run where its method is alone (so each setting's prefill is its own)."""
+    import ctxpress.kv.generation as generation
+
+    prefills = []
+
+    class Counted(generation.SharedPrefill):
+        def __init__(self, presses):
+            super().__init__(presses)
+            prefills.append([press.name for press in presses])
+
+    monkeypatch.setattr(generation, "SharedPrefill", Counted)
     methods = ("snapkv", "snapkv-words", "h2o", "quantized", "snapkv-tiered")
     grid = Profile("shared", {"kv-retrieval": (KVRetrieval(pairs=4), 1)}, prompt_methods=(), kv_methods=methods,
                    kv_ratios=(0.3,), kv_settings=("agnostic", "aware"), max_new_tokens=3)
     together = {r["key"]: r for r in read_records(Runner(tiny_lm, grid, data_dir, tmp_path / "all",
                                                          progress=False).run())}
     assert len(together) == 1 + 2 * len(methods)
+    # one prefill per setting and need: tokens (with the full reference, agnostic), words, attention sums
+    assert sorted(prefills) == sorted([["full", "snapkv", "quantized"], ["snapkv-words", "snapkv-tiered"], ["h2o"],
+                                       ["snapkv", "quantized"], ["snapkv-words", "snapkv-tiered"], ["h2o"]])
     for method in methods:
         alone = Runner(tiny_lm, grid.only([method]), data_dir, tmp_path / method, progress=False).run()
         for row in read_records(alone):

@@ -107,8 +107,7 @@ class Runner:
                                                    example.question)
             reference = None
             whole = torch.cat([context_ids, question_ids, answer_ids], dim=1)
-            presses = {config.label: press_with_budget(*_kv_spec(config)) for config in group}  # full: none
-            contexts = _SharedPrefills(self.lm, group, presses)
+            contexts = _SharedPrefills(self.lm, group)
             for config in group:
                 # Question-aware: the question is prefilled (and seen by the press) but its last token,
                 # which generation feeds. The answer rows are the same in both settings.
@@ -159,10 +158,10 @@ class Runner:
                           "token_rate": result.rate, "prompt_seconds": time.perf_counter() - start}}
 
 
-def _kv_spec(config: Config) -> tuple[str, float | None, None, dict]:
-    """``press_with_budget``'s arguments for a configuration's KV method."""
+def _press(config: Config):
+    """The press of a configuration's KV method (``full``: one that keeps everything)."""
     name, options = parse_spec(config.kv_method)
-    return name, config.kv_ratio, None, options
+    return press_with_budget(name, config.kv_ratio, options=options)
 
 
 class _SharedPrefills:
@@ -172,25 +171,22 @@ class _SharedPrefills:
     configuration's turn comes (configurations are taken in the order given), so memory holds the
     dense prefill and one compressed cache, not all of them."""
 
-    def __init__(self, lm: LoadedModel, configs: list[Config], presses: dict) -> None:
-        self.lm, self.configs, self.presses = lm, configs, presses
-        self.streams: dict[str, tuple[Iterator[CompressedContext], list[str]]] = {}  # by each one's first label
+    def __init__(self, lm: LoadedModel, configs: list[Config]) -> None:
+        self.lm, self.configs = lm, configs
+        self.presses = {config.label: _press(config) for config in configs}
+        self.stream_of: dict[str, Iterator[CompressedContext]] = {}  # label -> its group's contexts
 
     def take(self, config: Config, prefix: torch.Tensor) -> CompressedContext:
-        key = next((k for k, (_, labels) in self.streams.items() if labels and labels[0] == config.label), None)
-        if key is None:
+        if config.label not in self.stream_of:
             needs = prefill_needs(self.presses[config.label])
-            together = [c for c in self.configs if c.question_aware == config.question_aware
-                        and prefill_needs(self.presses[c.label]) == needs]
-            if not together or together[0] != config:
-                raise ValueError(f"configurations are taken in the order given; {config.label} is out of turn")
-            self.configs = [c for c in self.configs if c not in together]
-            key = config.label
+            together = [c for c in self.configs if c.label not in self.stream_of
+                        and c.question_aware == config.question_aware and prefill_needs(self.presses[c.label]) == needs]
             stream = CompressedContext.sharing_prefill(self.lm, prefix, [self.presses[c.label] for c in together])
-            self.streams[key] = (stream, [c.label for c in together])
-        stream, labels = self.streams[key]
-        labels.pop(0)
-        return next(stream)
+            self.stream_of.update({c.label: stream for c in together})
+        context = next(self.stream_of[config.label])
+        if context.press is not self.presses[config.label]:  # the group's contexts come in its order
+            raise ValueError(f"configurations are taken in the order given; {config.label} is out of turn")
+        return context
 
 
 @contextmanager

@@ -59,12 +59,22 @@ class CompressedLayer(DynamicLayer):
         self.kv_heads = self.head_dim = 0
         self.dtype_size = 0
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        claim_next_attention(self)
-        start = self.seen
+    def _count(self, key_states: torch.Tensor) -> None:
         self.seen += key_states.shape[-2]
         self.kv_heads, self.head_dim = key_states.shape[1], key_states.shape[-1]
         self.dtype_size = key_states.element_size()
+
+    def adopt_prefill(self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor | None) -> None:
+        """Take a prefill run elsewhere (:mod:`ctxpress.kv.fanout`): its dense tensors, which this layer
+        now owns, and this layer's press's scores of it; the press compresses as after its own."""
+        self._count(keys)
+        DynamicLayer.update(self, keys, values)  # not this class's update: no attention follows to claim
+        self.scores = scores
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        claim_next_attention(self)
+        start = self.seen
+        self._count(key_states)
         if self.store is None:
             return super().update(key_states, value_states)
         with torch.no_grad():  # like the compression, the store is for inference: it keeps no graph

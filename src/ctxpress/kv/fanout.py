@@ -23,7 +23,6 @@ import time
 from collections.abc import Mapping, Sequence
 
 import torch
-from transformers.cache_utils import DynamicLayer
 
 from .cache import CompressedCache, compressed_cache
 from .contracts import PrefilledLayer, Press
@@ -93,10 +92,7 @@ class SharedPrefill(Press):
         for shared, layer, scores in zip(self.layers, cache.layers, self.scores[i], strict=True):
             # A copy each, so no store can grow the shared tensors in place (transformers' update
             # concatenates, which copies too, but that is its business, not a promise).
-            DynamicLayer.update(layer, shared.keys.clone(), shared.values.clone())
-            layer.seen, layer.scores = shared.seen, scores
-            layer.kv_heads, layer.head_dim = shared.keys.shape[1], shared.keys.shape[-1]
-            layer.dtype_size = shared.keys.element_size()
+            layer.adopt_prefill(shared.keys.clone(), shared.values.clone(), scores)
         self.scores[i] = []
         start = _clock(self.layers[0].keys.device)
         press.compress(cache.layers, model)
