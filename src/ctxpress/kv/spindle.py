@@ -152,7 +152,7 @@ class SpindleKVWords(SpindleKV):
     # snapkv-words, and nothing is coded. Chosen on the dev split (docs/results/kv-spindle-dev, needles at
     # 20% of the bytes, question-aware): the codebooks at the paper's thresholds cost gold NLL (+0.08) for
     # the tokens they made room for, looser ones lost needles, and per-head selection beat one choice per
-    # KV group (-0.05). On this model a group's heads share two thirds of their choices, so each head keeps
+    # KV group (-0.05). On this model a group stores 1.5 columns per token a head keeps, so each head keeps
     # fewer tokens than under SnapKV at equal bytes, and still ranks the needle better; on key-value
     # retrieval (a 25-token value every head must keep whole) it trails snapkv-words (report split).
     unit: str = "word"
