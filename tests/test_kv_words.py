@@ -123,9 +123,9 @@ def test_spindlekv_by_words_keeps_its_byte_budget(tiny_lm, prompt):
     assert cache.nbytes() <= 0.3 * cache.dense_nbytes()
 
 
-def test_spindlekv_words_gives_each_head_whole_words_without_codebooks(tiny_lm, prompt):
+def test_spindlekv_words_gives_each_head_whole_words_by_shared_budget_without_codebooks(tiny_lm, prompt):
     press = build_press("spindlekv-words", ratio=0.3)
-    assert press.unit == "word" and press.per_head and not press.codebook
+    assert press.unit == "word" and press.per_head and press.adaptive and not press.codebook
     units = words_of(N)
     cache = press.cache(tiny_lm.model, units)
     with torch.no_grad():

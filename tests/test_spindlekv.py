@@ -12,7 +12,7 @@ from ctxpress.kv import (
 )
 from ctxpress.kv.rope import deinterleave, rotary_module
 from ctxpress.kv.spindle import LayerPlan
-from ctxpress.kv.store import ROOM, CodedColumns, CodedKeys, DenseColumns, HeadwiseStore
+from ctxpress.kv.store import ROOM, CodedColumns, CodedKeys, DenseColumns, DenseStore, HeadwiseStore
 
 from conftest import N, compressed, greedy, reference_layers
 
@@ -159,6 +159,34 @@ def test_spindlekv_per_head_selection_is_per_query_head(tiny_lm, prompt):
     assert len(store) == len(store.keys) == len(store.values)
 
 
+def test_without_head_masks_a_group_stores_its_heads_union_densely(tiny_lm, prompt):
+    """head_masks=false: a group stores the union of its heads' choices (the plan's order) as plain
+    vectors in prompt order, every head sees all of them, and no mask bytes are spent."""
+    plans = []
+
+    class Captured(SpindleKV):
+        def calibrate(self, layer_plans, n):
+            plans.extend(layer_plans)
+            return super().calibrate(layer_plans, n)
+
+    masked = compressed(tiny_lm.model, SpindleKV(ratio=0.3, codebook=False), prompt)
+    cache = compressed(tiny_lm.model, Captured(ratio=0.3, codebook=False, head_masks=False), prompt)
+    assert cache.nbytes() == sum(stored_tensor_bytes(layer.store) for layer in cache.layers)
+    assert 0.8 * 0.3 * cache.dense_nbytes() <= cache.nbytes() <= 0.3 * cache.dense_nbytes()
+    # no mask bytes: never fewer columns than with masks (on this tiny model, often the same)
+    assert all(len(a.store) >= len(b.store) for a, b in zip(cache.layers, masked.layers))
+    dense, _ = reference_layers(tiny_lm.model, prompt)
+    for layer, plan, (keys, values) in zip(cache.layers, plans, dense, strict=True):
+        store = layer.store
+        assert isinstance(store, DenseStore)
+        for g in range(keys.shape[1]):
+            tokens = plan.order[g, : len(store)].sort().values
+            torch.testing.assert_close(store.keys[0, g], keys[0, g, tokens], atol=1e-4, rtol=0)
+            torch.testing.assert_close(store.values[0, g], values[0, g, tokens], atol=1e-4, rtol=0)
+    with pytest.raises(InputError, match="codebook=false"):
+        SpindleKV(ratio=0.3, head_masks=False).validate()
+
+
 def test_spindlekv_heads_see_their_own_top_tokens(lm, prompt):
     """Each query head sees exactly its best-scored tokens, at least its layer's budget
     (a narrower group's heads see a few more, in columns that would be padding)."""
@@ -184,6 +212,41 @@ def test_spindlekv_heads_see_their_own_top_tokens(lm, prompt):
             tokens = store.keys.positions[s // group, store.visible[s]].long()
             assert len(tokens) >= keep
             assert set(tokens.tolist()) == set(scores[s].topk(len(tokens)).indices.tolist())
+
+
+def test_adaptive_budgets_give_heads_their_best_pairs_of_the_layer(tiny_lm, prompt):
+    """adaptive=true: heads keep different numbers of tokens, and within a KV group the pairs seen are the
+    best (head, token) pairs by score: none left out scores above one seen."""
+    captured = []
+
+    class Captured(SpindleKV):
+        def compress(self, layers, model):
+            captured.extend(layer.scores[0].clone() for layer in layers)
+            super().compress(layers, model)
+
+    press = Captured(ratio=0.3, codebook=False, adaptive=True)
+    cache = compressed(tiny_lm.model, press, prompt)
+    assert cache.nbytes() == sum(stored_tensor_bytes(layer.store) for layer in cache.layers)
+    assert 0.8 * 0.3 * cache.dense_nbytes() <= cache.nbytes() <= 0.3 * cache.dense_nbytes()
+    window = press.effective_window(N)
+    dense, _ = reference_layers(tiny_lm.model, prompt)
+    spread = []
+    for layer, scores, (keys, _values) in zip(cache.layers, captured, dense, strict=True):
+        store = layer.store
+        k, _ = store.materialize()
+        scores[:, N - window :] = float("inf")
+        group = scores.shape[0] // k.shape[1]
+        counts = store.visible.sum(dim=1)
+        spread.append(int(counts.max() - counts.min()))
+        for g in range(k.shape[1]):
+            # the prompt position of every stored column, found back by its key
+            positions = (k[0, g][:, None] - keys[0, g][None]).abs().amax(dim=-1).argmin(dim=1)
+            seen = torch.zeros(group, N, dtype=torch.bool)
+            for h in range(group):
+                seen[h, positions[store.visible[g * group + h]]] = True
+            pairs = scores[g * group : (g + 1) * group]
+            assert float(pairs[~seen].max()) <= float(pairs[seen].min())
+    assert max(spread) > 1  # budgets differ between heads, beyond a padding column
 
 
 def test_codebook_only_keeps_every_token(tiny_lm, prompt):

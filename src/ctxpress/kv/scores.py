@@ -8,6 +8,9 @@
 
 * whole-unit ranking: tokens ordered by the score of the word they belong
   to, so a head keeps or evicts a number or a name as a whole.
+* pooled ranking (AdaKV's budget allocation): every (head, token) pair of a
+  layer in one order, so a head whose attention is concentrated keeps fewer
+  tokens and one whose attention is spread keeps more.
 
 All scores are float32 (b, heads, n); the window's own keys are scored too,
 callers always keep them.
@@ -62,6 +65,21 @@ def group_mean(scores: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return scores.view(b, kv_heads, heads // kv_heads, n).mean(dim=2)
 
 
+def unit_scores(scores: torch.Tensor, units: torch.Tensor, reduce: str = "max") -> torch.Tensor:
+    """Each token's unit's score (b, heads, n): the ``max`` or ``mean`` of its tokens' scores.
+
+    ``units`` (n,) or (b, n) gives each token's unit (ascending from 0, a word for example).
+    """
+    if reduce not in UNIT_SCORES:
+        raise ValueError(f"reduce must be one of {', '.join(UNIT_SCORES)}, got {reduce!r}")
+    b, heads, n = scores.shape
+    units = units.to(scores.device).expand(b, n)[:, None, :].expand(b, heads, n)
+    count = int(units.max()) + 1
+    unit = torch.zeros(b, heads, count, device=scores.device).scatter_reduce(
+        2, units, scores.float(), "amax" if reduce == "max" else "mean", include_self=False)
+    return unit.gather(2, units)
+
+
 def by_unit(scores: torch.Tensor, units: torch.Tensor, reduce: str = "max") -> torch.Tensor:
     """Scores (b, heads, n) re-expressed so that their order ranks whole units.
 
@@ -72,19 +90,34 @@ def by_unit(scores: torch.Tensor, units: torch.Tensor, reduce: str = "max") -> t
     the worst), so any top-k keeps whole units and splits at most one: the
     last that only partly fits.
     """
-    if reduce not in UNIT_SCORES:
-        raise ValueError(f"reduce must be one of {', '.join(UNIT_SCORES)}, got {reduce!r}")
+    per_token_unit = unit_scores(scores, units, reduce)
     b, heads, n = scores.shape
     units = units.to(scores.device).expand(b, n)[:, None, :].expand(b, heads, n)
-    count = int(units.max()) + 1
     scores = scores.float()
-    unit = torch.zeros(b, heads, count, device=scores.device).scatter_reduce(
-        2, units, scores, "amax" if reduce == "max" else "mean", include_self=False)
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices  # best token first
     # stable sorts: by unit (a unit's tokens together, best first; ties between units cannot
     # interleave them), then by the unit's score
     order = order.gather(2, torch.sort(units.gather(2, order), dim=-1, stable=True).indices)
-    order = order.gather(2, torch.sort(unit.gather(2, units).gather(2, order), dim=-1, descending=True,
+    order = order.gather(2, torch.sort(per_token_unit.gather(2, order), dim=-1, descending=True,
                                        stable=True).indices)
     ranks = torch.empty_like(scores)
     return ranks.scatter_(2, order, torch.arange(n, 0, -1, device=scores.device, dtype=scores.dtype).expand_as(ranks))
+
+
+def pooled_ranks(primary: torch.Tensor, secondary: torch.Tensor) -> torch.Tensor:
+    """Rank (0 best) of every entry of (heads, n) among all of them, by ``primary`` then ``secondary``,
+    both descending.
+
+    Window scores of every head sum to the same total (one per observation
+    row), so they compare across heads: AdaKV (Feng et al., 2024) keeps a
+    layer's top pairs rather than each head's top ``k``. ``primary`` is a
+    token's score (its word's, for whole words) and ``secondary`` the
+    head's own order within ties, so each head's kept tokens are still a
+    prefix of its own order.
+    """
+    flat_primary, flat_secondary = primary.flatten(), secondary.flatten()
+    order = flat_secondary.argsort(descending=True, stable=True)
+    order = order[flat_primary[order].argsort(descending=True, stable=True)]
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(order.numel(), device=order.device)
+    return ranks.view_as(primary)

@@ -26,11 +26,11 @@ import torch
 
 from ..errors import InputError
 from . import codebook as cb
-from .contracts import PrefilledLayer
+from .contracts import PrefilledLayer, Store
 from .presses import PyramidKV
 from .rope import interleave, phases, rotary_module, unrotate
-from .scores import group_mean
-from .store import CodedColumns, CodedKeys, DenseColumns, HeadwiseStore, dtype_size, index_dtype
+from .scores import group_mean, pooled_ranks, unit_scores
+from .store import CodedColumns, CodedKeys, DenseColumns, DenseStore, HeadwiseStore, dtype_size, index_dtype
 
 
 @dataclass
@@ -45,10 +45,17 @@ class SpindleKV(PyramidKV):
     ``min_saving`` (0.1): code a layer's K or V only where that saves at least
     this fraction of its bytes. Ablations: ``per_head=False`` (one choice per
     KV group), ``codebook=False`` (eviction only), ``evict=False`` (codebook
-    only; no budget).
+    only; no budget), ``head_masks=False`` (the tokens a group stores are
+    still the union of its heads' choices, but every head attends to all of
+    them: no mask, whose bytes then go to tokens; needs ``codebook=False``).
+    ``adaptive=True`` departs from the paper: a layer's budget goes to its
+    best (head, token) pairs, as AdaKV allocates it, instead of the same
+    number of tokens to every head.
     """
 
     per_head: bool = True
+    head_masks: bool = True
+    adaptive: bool = False  # AdaKV-style: heads share a layer's budget by score, not equally
     codebook: bool = True
     evict: bool = True
     theta_k: float = 0.98
@@ -80,6 +87,8 @@ class SpindleKV(PyramidKV):
         if (self.bits is not None or self.rest_bits is not None) and (self.per_head or self.codebook):
             raise InputError("spindlekv: bits and rest_bits apply to its plain eviction only "
                              "(per_head=false, codebook=false)")
+        if not self.head_masks and self.codebook:
+            raise InputError("spindlekv: head_masks=false stores its columns densely, so it needs codebook=false")
         if self.encode_every < 1:
             raise InputError(f"encode_every must be >= 1 token, got {self.encode_every}")
 
@@ -143,20 +152,21 @@ class SpindleKV(PyramidKV):
 
 @dataclass
 class SpindleKVWords(SpindleKV):
-    """SpindleKV's per-query-head selection over whole words, stored without codebooks.
+    """SpindleKV's per-query-head selection over whole words, with AdaKV's budgets and no codebooks.
 
-    Options: SpindleKV's; ``unit`` is ``word`` and ``codebook`` false.
+    Options: SpindleKV's; ``unit`` is ``word``, ``codebook`` false and ``adaptive`` true.
     """
 
-    # Departs from SpindleKV (Tang et al., ACL 2025) in two points: tokens are ranked by word, as in
-    # snapkv-words, and nothing is coded. Chosen on the dev split (docs/results/kv-spindle-dev, needles at
-    # 20% of the bytes, question-aware): the codebooks at the paper's thresholds cost gold NLL (+0.08) for
-    # the tokens they made room for, looser ones lost needles, and per-head selection beat one choice per
-    # KV group (-0.05). On this model a group stores 1.5 columns per token a head keeps, so each head keeps
-    # fewer tokens than under SnapKV at equal bytes, and still ranks the needle better; on key-value
-    # retrieval (a 25-token value every head must keep whole) it trails snapkv-words (report split).
+    # Departs from SpindleKV (Tang et al., ACL 2025) in three points: tokens are ranked by word, as in
+    # snapkv-words; a layer's budget goes to its best (head, word) pairs (AdaKV), not equally to every
+    # head; and nothing is coded. Chosen on the dev split (docs/results/kv-spindle-dev, 20% of the bytes,
+    # question-aware): the codebooks at the paper's thresholds cost gold NLL on needles (+0.08) for the
+    # tokens they made room for, looser ones lost needles; per-head selection beat one choice per KV group
+    # (-0.05), its masks being what pays (without them, +0.04); equal budgets per head trailed snapkv-words
+    # on key-value retrieval, and the shared budget closed that gap (-0.30 NLL) and gained on needles too.
     unit: str = "word"
     codebook: bool = False
+    adaptive: bool = True
     name: ClassVar[str] = "spindlekv-words"
 
 
@@ -169,7 +179,9 @@ class LayerPlan:
     ``keep`` (tokens per head), which is what :meth:`SpindleKV.calibrate`
     bisects over.
 
-    A selection is "each head keeps its ``keep`` best tokens". Group ``g``
+    A selection is "each head keeps its ``keep`` best tokens" (with
+    ``adaptive``, "the layer keeps its ``keep`` x heads best (head, token)
+    pairs": ranks are then over pairs, and ``keep`` a mean). Group ``g``
     needs the tokens whose best rank among its heads (``union_rank``) is
     below ``keep``; every group stores as many columns as the widest one
     needs, and a narrower group fills its columns with its next tokens by
@@ -186,27 +198,34 @@ class LayerPlan:
         self.kv_heads, self.n, self.dim = keys.shape[1], keys.shape[2], keys.shape[3]
         self.itemsize = keys.element_size()
         self.dense_bytes = 2 * self.kv_heads * self.n * self.dim * self.itemsize
-        scores = layer.scores if press.per_head else group_mean(layer.scores, self.kv_heads)
-        scores = press.ranked(scores, layer)[0]  # (selectors, n): query heads, or KV heads
+        raw = layer.scores if press.per_head else group_mean(layer.scores, self.kv_heads)
+        scores = press.ranked(raw, layer)[0]  # (selectors, n): query heads, or KV heads
         if window:
             scores[:, self.n - window :] = float("inf")
-        order = scores.argsort(dim=-1, descending=True, stable=True)
-        self.rank = torch.empty_like(order)
-        self.rank.scatter_(1, order, torch.arange(self.n, device=order.device).expand_as(order))
         self.selectors = scores.shape[0]
         self.group_size = self.selectors // self.kv_heads  # selectors per KV group
+        if press.adaptive:  # one order over the layer's (head, token) pairs; `keep` counts pairs per head
+            primary = unit_scores(raw, layer.units, press.unit_score)[0] if press.unit == "word" else raw[0].clone()
+            if window:
+                primary[:, self.n - window :] = float("inf")
+            self.rank, self.scale = pooled_ranks(primary, scores), self.selectors
+        else:  # each head's own order
+            order = scores.argsort(dim=-1, descending=True, stable=True)
+            self.rank = torch.empty_like(order)
+            self.rank.scatter_(1, order, torch.arange(self.n, device=order.device).expand_as(order))
+            self.scale = 1
         union_rank = self.rank.view(self.kv_heads, self.group_size, self.n).amin(dim=1)  # (kv_heads, n)
         self.order = union_rank.argsort(dim=1, stable=True)  # each group's tokens in the order they are stored
         # sorted union ranks, then n (the bound of a group that stores every token)
         self._sorted_union = np.pad(union_rank.gather(1, self.order).cpu().numpy(), ((0, 0), (0, 1)),
-                                    constant_values=self.n)
+                                    constant_values=self.n * self.scale)
         self._entry_firsts: list[np.ndarray] = []  # per part (K, V): sorted first columns of the entries
         self.books: list[tuple[cb.Codebook, cb.Codebook]] = []  # per group, on its first `built` tokens
         self.built = 0
 
     def width(self, keep: int) -> int:
         """Columns every group stores when each head keeps ``keep`` tokens."""
-        return max(int(np.searchsorted(ranks, keep)) for ranks in self._sorted_union)
+        return max(int(np.searchsorted(ranks, keep * self.scale)) for ranks in self._sorted_union)
 
     def prepare(self, keep: int) -> None:
         """Build the codebooks of the largest selection considered."""
@@ -266,14 +285,18 @@ class LayerPlan:
         """Exact bytes of the store :meth:`store` would build for ``keep``."""
         columns, layout = self.layout(keep)
         dense = self.kv_heads * columns * self.dim * self.itemsize
-        return self.selectors * columns + sum(dense if coded is None else coded for coded in layout)
+        masks = self.selectors * columns if self.press.head_masks else 0
+        return masks + sum(dense if coded is None else coded for coded in layout)
 
-    def store(self, keep: int) -> HeadwiseStore:
+    def store(self, keep: int) -> Store:
         """The compressed layer for ``keep`` tokens per head."""
         if self.press.codebook and self.width(keep) > self.built:
             self.prepare(keep)
         columns, layout = self.layout(keep)
         tokens = self.order[:, :columns]  # (kv_heads, columns)
+        if not self.press.head_masks:  # every head sees its group's columns: plain tensors, in prompt order
+            index = tokens.sort(dim=1).values[None, :, :, None].expand(-1, -1, -1, self.dim)
+            return DenseStore(self.layer.keys.gather(2, index), self.layer.values.gather(2, index))
         # a group's heads see their tokens up to the union rank of its first token not stored
         bound = torch.as_tensor(self._sorted_union[:, columns], device=tokens.device)
         ranks = self.rank.view(self.kv_heads, self.group_size, self.n)
