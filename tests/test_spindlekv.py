@@ -11,6 +11,7 @@ from ctxpress.kv import (
     SpindleKV,
 )
 from ctxpress.kv.rope import deinterleave, rotary_module
+from ctxpress.kv.scores import pooled_ranks
 from ctxpress.kv.spindle import LayerPlan
 from ctxpress.kv.store import ROOM, CodedColumns, CodedKeys, DenseColumns, DenseStore, HeadwiseStore
 
@@ -49,7 +50,8 @@ def stored_tensor_bytes(obj, seen=None) -> int:
     return sum(stored_tensor_bytes(v, seen) for v in items)
 
 
-@pytest.mark.parametrize("options", [{}, {"per_head": False}, {"codebook": False}, {"tokens": 40}])
+@pytest.mark.parametrize("options", [{}, {"per_head": False}, {"codebook": False}, {"tokens": 40},
+                                     {"adaptive": True}])
 def test_spindlekv_bytes_and_reconstruction(tiny_lm, prompt, options):
     ratio = None if "tokens" in options else 0.3
     # random weights give dissimilar vectors, where the codebook would not pay: force it
@@ -69,9 +71,11 @@ def test_spindlekv_bytes_and_reconstruction(tiny_lm, prompt, options):
         assert isinstance(store.keys, CodedKeys if coded else DenseColumns)
         selectors = heads if options.get("per_head", True) else keys.shape[1]
         assert store.visible.shape[0] == selectors
-        # the heads of a group keep their top tokens up to one bound: as many, or one more
+        # the heads of a group keep their top tokens up to one bound: as many, or one more (adaptive
+        # budgets differ by head)
         kept = store.visible.sum(dim=1).view(keys.shape[1], -1)
-        assert int((kept.amax(dim=1) - kept.amin(dim=1)).max()) <= 1 and int(kept.max()) < N
+        assert int(kept.max()) < N
+        assert options.get("adaptive") or int((kept.amax(dim=1) - kept.amin(dim=1)).max()) <= 1
         k, v = store.materialize()
         if store.interleaved:  # coded keys come back in the interleaved RoPE layout
             k = deinterleave(k)
@@ -214,15 +218,16 @@ def test_spindlekv_heads_see_their_own_top_tokens(lm, prompt):
             assert set(tokens.tolist()) == set(scores[s].topk(len(tokens)).indices.tolist())
 
 
-def test_adaptive_budgets_give_heads_their_best_pairs_of_the_layer(tiny_lm, prompt):
-    """adaptive=true: heads keep different numbers of tokens, and within a KV group the pairs seen are the
-    best (head, token) pairs by score: none left out scores above one seen."""
+def test_adaptive_budgets_give_heads_the_best_pairs_of_their_layer(tiny_lm, prompt):
+    """adaptive=true: every (head, token) pair among the layer's best keep x heads is seen, the pairs seen
+    in a group are its best by score, and heads of one group keep different numbers of tokens."""
     captured = []
 
     class Captured(SpindleKV):
-        def compress(self, layers, model):
-            captured.extend(layer.scores[0].clone() for layer in layers)
-            super().compress(layers, model)
+        def calibrate(self, plans, n):
+            counts = super().calibrate(plans, n)
+            captured.extend(zip(plans, counts, [plan.layer.scores[0].clone() for plan in plans]))
+            return counts
 
     press = Captured(ratio=0.3, codebook=False, adaptive=True)
     cache = compressed(tiny_lm.model, press, prompt)
@@ -230,23 +235,44 @@ def test_adaptive_budgets_give_heads_their_best_pairs_of_the_layer(tiny_lm, prom
     assert 0.8 * 0.3 * cache.dense_nbytes() <= cache.nbytes() <= 0.3 * cache.dense_nbytes()
     window = press.effective_window(N)
     dense, _ = reference_layers(tiny_lm.model, prompt)
-    spread = []
-    for layer, scores, (keys, _values) in zip(cache.layers, captured, dense, strict=True):
+    uneven = False
+    for layer, (plan, keep, scores), (keys, _values) in zip(cache.layers, captured, dense, strict=True):
         store = layer.store
         k, _ = store.materialize()
-        scores[:, N - window :] = float("inf")
-        group = scores.shape[0] // k.shape[1]
-        counts = store.visible.sum(dim=1)
-        spread.append(int(counts.max() - counts.min()))
+        heads, group = scores.shape[0], scores.shape[0] // k.shape[1]
+        seen = torch.zeros(heads, N, dtype=torch.bool)
         for g in range(k.shape[1]):
             # the prompt position of every stored column, found back by its key
             positions = (k[0, g][:, None] - keys[0, g][None]).abs().amax(dim=-1).argmin(dim=1)
-            seen = torch.zeros(group, N, dtype=torch.bool)
-            for h in range(group):
-                seen[h, positions[store.visible[g * group + h]]] = True
-            pairs = scores[g * group : (g + 1) * group]
-            assert float(pairs[~seen].max()) <= float(pairs[seen].min())
-    assert max(spread) > 1  # budgets differ between heads, beyond a padding column
+            for h in range(g * group, (g + 1) * group):
+                seen[h, positions[store.visible[h]]] = True
+            counts = seen[g * group : (g + 1) * group].sum(dim=1)
+            uneven |= bool(counts.max() - counts.min() > 1)  # equal budgets differ by one at most
+        assert bool(seen[plan.rank < keep * heads].all())  # the layer's best pairs, whichever head
+        scores[:, N - window :] = float("inf")
+        for g in range(k.shape[1]):
+            pairs, kept = scores[g * group : (g + 1) * group], seen[g * group : (g + 1) * group]
+            assert float(pairs[~kept].max()) <= float(pairs[kept].min())
+    assert uneven
+
+
+def test_pooled_ranks_order_pairs_across_heads_and_share_ties_token_by_token():
+    primary = torch.tensor([[5.0, 1.0, 3.0, float("inf")], [2.0, 4.0, 3.0, float("inf")]])
+    secondary = torch.tensor([[4.0, 1.0, 2.0, 9.0], [1.0, 3.0, 2.0, 9.0]])
+    ranks = pooled_ranks(primary, secondary)
+    # inf pairs first (token 3, head 0 then head 1), then 5, 4, the two 3s by secondary (equal: by token
+    # then head), 2, 1
+    assert ranks.tolist() == [[2, 7, 4, 0], [6, 3, 5, 1]]
+    shuffled = pooled_ranks(torch.rand(3, 50), torch.rand(3, 50))
+    assert sorted(shuffled.flatten().tolist()) == list(range(150))
+
+
+def test_adaptive_budgets_over_kv_groups_are_not_plain_pyramidkv(tiny_lm, prompt):
+    cache = compressed(tiny_lm.model, SpindleKV(ratio=0.3, codebook=False, per_head=False, adaptive=True), prompt)
+    assert all(isinstance(layer.store, HeadwiseStore) for layer in cache.layers)
+    assert cache.nbytes() <= 0.3 * cache.dense_nbytes()
+    with pytest.raises(InputError, match="adaptive=false"):
+        SpindleKV(ratio=0.3, codebook=False, per_head=False, adaptive=True, bits=8).validate()
 
 
 def test_codebook_only_keeps_every_token(tiny_lm, prompt):

@@ -106,18 +106,21 @@ def by_unit(scores: torch.Tensor, units: torch.Tensor, reduce: str = "max") -> t
 
 def pooled_ranks(primary: torch.Tensor, secondary: torch.Tensor) -> torch.Tensor:
     """Rank (0 best) of every entry of (heads, n) among all of them, by ``primary`` then ``secondary``,
-    both descending.
+    both descending; entries equal in both go token by token (all heads' entries of one token together).
 
-    Window scores of every head sum to the same total (one per observation
-    row), so they compare across heads: AdaKV (Feng et al., 2024) keeps a
+    With ``normalize="sum"`` the window scores of every head sum to the
+    same total (one per observation row; pooling loses a little at the
+    edges), so they compare across heads: AdaKV (Feng et al., 2024) keeps a
     layer's top pairs rather than each head's top ``k``. ``primary`` is a
-    token's score (its word's, for whole words) and ``secondary`` the
-    head's own order within ties, so each head's kept tokens are still a
-    prefix of its own order.
+    token's score (its word's, for whole words) and ``secondary`` orders a
+    head's tokens within ties; where, within each head, the two agree with
+    the head's own order (a word's tokens share its score, ranked within
+    it by ``secondary``), each head's kept tokens are a prefix of that order.
     """
-    flat_primary, flat_secondary = primary.flatten(), secondary.flatten()
+    # token-major: ties that survive both keys (the window, scored inf) are shared out between heads
+    flat_primary, flat_secondary = primary.T.flatten(), secondary.T.flatten()
     order = flat_secondary.argsort(descending=True, stable=True)
     order = order[flat_primary[order].argsort(descending=True, stable=True)]
     ranks = torch.empty_like(order)
     ranks[order] = torch.arange(order.numel(), device=order.device)
-    return ranks.view_as(primary)
+    return ranks.view(primary.shape[1], primary.shape[0]).T

@@ -84,16 +84,17 @@ class SpindleKV(PyramidKV):
         for name in ("theta_k", "theta_v"):
             if not -1 <= getattr(self, name) <= 1:
                 raise InputError(f"{name} must be a cosine similarity in [-1, 1]")
-        if (self.bits is not None or self.rest_bits is not None) and (self.per_head or self.codebook):
+        if (self.bits is not None or self.rest_bits is not None) and (self.per_head or self.codebook
+                                                                      or self.adaptive):
             raise InputError("spindlekv: bits and rest_bits apply to its plain eviction only "
-                             "(per_head=false, codebook=false)")
+                             "(per_head=false, codebook=false, adaptive=false)")
         if not self.head_masks and self.codebook:
             raise InputError("spindlekv: head_masks=false stores its columns densely, so it needs codebook=false")
         if self.encode_every < 1:
             raise InputError(f"encode_every must be >= 1 token, got {self.encode_every}")
 
     def compress(self, layers: Sequence[PrefilledLayer], model: torch.nn.Module) -> None:
-        if not self.per_head and not self.codebook:
+        if not self.per_head and not self.codebook and not self.adaptive:
             return super().compress(layers, model)  # exactly PyramidKV
         if layers[0].keys.shape[0] != 1:
             raise InputError("spindlekv compresses one prompt at a time (batch size 1)")
@@ -111,7 +112,8 @@ class SpindleKV(PyramidKV):
             plan.layer.compress_to(plan.store(keep))
 
     def calibrate(self, plans: list[LayerPlan], n: int) -> list[int]:
-        """Per-layer keep counts (tokens per head) with the largest mean whose stored bytes fit ``ratio``.
+        """Per-layer keep counts (tokens per head; with ``adaptive``, their mean over heads) with the
+        largest mean whose stored bytes fit ``ratio``.
 
         ``plans`` are the layers' :class:`LayerPlan` in layer order, ``n`` the prompt length.
         """
@@ -216,7 +218,7 @@ class LayerPlan:
             self.scale = 1
         union_rank = self.rank.view(self.kv_heads, self.group_size, self.n).amin(dim=1)  # (kv_heads, n)
         self.order = union_rank.argsort(dim=1, stable=True)  # each group's tokens in the order they are stored
-        # sorted union ranks, then n (the bound of a group that stores every token)
+        # sorted union ranks, then one past the last rank (the bound of a group that stores every token)
         self._sorted_union = np.pad(union_rank.gather(1, self.order).cpu().numpy(), ((0, 0), (0, 1)),
                                     constant_values=self.n * self.scale)
         self._entry_firsts: list[np.ndarray] = []  # per part (K, V): sorted first columns of the entries
@@ -224,7 +226,7 @@ class LayerPlan:
         self.built = 0
 
     def width(self, keep: int) -> int:
-        """Columns every group stores when each head keeps ``keep`` tokens."""
+        """Columns every group stores when each head keeps ``keep`` tokens (with ``adaptive``, on average)."""
         return max(int(np.searchsorted(ranks, keep * self.scale)) for ranks in self._sorted_union)
 
     def prepare(self, keep: int) -> None:
@@ -289,7 +291,8 @@ class LayerPlan:
         return masks + sum(dense if coded is None else coded for coded in layout)
 
     def store(self, keep: int) -> Store:
-        """The compressed layer for ``keep`` tokens per head."""
+        """The compressed layer for ``keep`` tokens per head (a mean with ``adaptive``): a
+        :class:`HeadwiseStore`, or with ``head_masks=False`` a :class:`DenseStore` of the groups' columns."""
         if self.press.codebook and self.width(keep) > self.built:
             self.prepare(keep)
         columns, layout = self.layout(keep)
