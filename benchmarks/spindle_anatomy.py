@@ -94,9 +94,9 @@ def main() -> None:
                     for spec in args.settings.split(",")]
         for spec, options in settings:  # a bad option fails here, before the model loads
             press = press_with_budget("spindlekv", args.ratio, None, options)
-            if not press.per_head and not press.codebook:
-                raise InputError(f"{spec}: with neither per-head choice nor codebooks SpindleKV is PyramidKV, "
-                                 "which has no plan to show")
+            if press.is_pyramidkv:
+                raise InputError(f"{spec}: with neither per-head choice, codebooks nor adaptive budgets "
+                                 "SpindleKV is PyramidKV, which has no plan to show")
     except InputError as exc:
         sys.exit(f"spindle_anatomy: {exc}")
     data = data_dir(args.data_dir)

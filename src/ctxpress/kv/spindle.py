@@ -93,9 +93,14 @@ class SpindleKV(PyramidKV):
         if self.encode_every < 1:
             raise InputError(f"encode_every must be >= 1 token, got {self.encode_every}")
 
+    @property
+    def is_pyramidkv(self) -> bool:
+        """Neither per-head choice, codebooks nor shared budgets: compression is exactly PyramidKV's."""
+        return not (self.per_head or self.codebook or self.adaptive)
+
     def compress(self, layers: Sequence[PrefilledLayer], model: torch.nn.Module) -> None:
-        if not self.per_head and not self.codebook and not self.adaptive:
-            return super().compress(layers, model)  # exactly PyramidKV
+        if self.is_pyramidkv:
+            return super().compress(layers, model)
         if layers[0].keys.shape[0] != 1:
             raise InputError("spindlekv compresses one prompt at a time (batch size 1)")
         n = layers[0].seen
