@@ -6,7 +6,15 @@ import torch
 from ctxpress.compat import with_cache
 from ctxpress.errors import InputError
 from ctxpress.kv import PRESSES, QuantizedKV, build_press, press_with_budget
-from ctxpress.kv.lowbit import Quantized, QuantizedStore, _pack, _unpack, quantized_nbytes
+from ctxpress.kv.lowbit import (
+    Quantized,
+    QuantizedColumns,
+    QuantizedStore,
+    _pack,
+    _unpack,
+    quantized_nbytes,
+    quantized_part_nbytes,
+)
 
 from conftest import N, compressed, greedy, reference_layers
 
@@ -194,3 +202,23 @@ def test_snapkv_tiered_keeps_every_token_within_its_bytes(tiny_lm, prompt):
     assert all(isinstance(layer.store, TieredStore) and len(layer.store) == N for layer in cache.layers)
     with pytest.raises(InputError, match="byte ratio"):
         SnapKVTiered(tokens=40)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_quantized_columns_count_bytes_and_quantize_full_groups_of_new_columns(per_channel):
+    data = torch.randn(2, 21, 16)
+    part = QuantizedColumns(data, bits=4, group=8, per_channel=per_channel)
+    assert len(part) == 21 and part.width == 16
+    assert part.nbytes() == quantized_part_nbytes(2, 21, 16, 4, 8, per_channel)
+    assert torch.equal(part.materialize(), Quantized.of(data, 4, dim=-2 if per_channel else -1,
+                                                        group=8 if per_channel else None).values(4, data.dtype))
+    new = torch.randn(2, 11, 16)
+    for t in range(11):
+        part.append(new[:, t : t + 1], 21 + t)
+    assert len(part) == 32 and len(part.tail) == 3 and len(part.chunks) == 2
+    out = part.materialize()
+    torch.testing.assert_close(out[:, 29:], new[:, 8:])  # the waiting columns as they came
+    step = 2 * float(new.abs().amax()) / 15
+    assert float((out[:, 21:29] - new[:, :8]).abs().amax()) <= step
+    held = sum(t.numel() * t.element_size() for c in part.chunks for t in (c.codes, c.low, c.step))
+    assert part.nbytes() == held + part.tail.buffer.numel() * 4

@@ -10,6 +10,7 @@ from ctxpress.kv import (
     SnapKV,
     SpindleKV,
 )
+from ctxpress.kv.lowbit import QuantizedColumns
 from ctxpress.kv.rope import deinterleave, rotary_module
 from ctxpress.kv.scores import pooled_ranks
 from ctxpress.kv.spindle import LayerPlan
@@ -95,8 +96,10 @@ def test_spindlekv_bytes_and_reconstruction(tiny_lm, prompt, options):
                 assert bool((gap < 1e-4).all())
 
 
-@pytest.mark.parametrize("fallback", [True, False])
-def test_spindlekv_plans_count_the_bytes_stores_hold(tiny_lm, prompt, fallback):
+@pytest.mark.parametrize("options", [{"dense_fallback": True}, {"dense_fallback": False},
+                                     {"bits": 8}, {"bits": 4, "codebook": False},
+                                     {"bits": 4, "codebook": False, "head_masks": False}])
+def test_spindlekv_plans_count_the_bytes_stores_hold(tiny_lm, prompt, options):
     """Calibration relies on predicted sizes: they must equal what a store of that size holds."""
     checked = []
 
@@ -110,7 +113,7 @@ def test_spindlekv_plans_count_the_bytes_stores_hold(tiny_lm, prompt, fallback):
                     checked.append((plan.nbytes(keep), plan.store(keep).nbytes()))
             super().compress(layers, model)
 
-    compressed(tiny_lm.model, Checked(ratio=0.3, dense_fallback=fallback), prompt)
+    compressed(tiny_lm.model, Checked(ratio=0.3, **options), prompt)
     predicted, held = zip(*checked)
     assert len(checked) == 4 * tiny_lm.model.config.num_hidden_layers
     assert predicted == held and len(set(held)) > 4
@@ -272,7 +275,39 @@ def test_adaptive_budgets_over_kv_groups_are_not_plain_pyramidkv(tiny_lm, prompt
     assert all(isinstance(layer.store, HeadwiseStore) for layer in cache.layers)
     assert cache.nbytes() <= 0.3 * cache.dense_nbytes()
     with pytest.raises(InputError, match="adaptive=false"):
-        SpindleKV(ratio=0.3, codebook=False, per_head=False, adaptive=True, bits=8).validate()
+        SpindleKV(ratio=0.3, codebook=False, per_head=False, adaptive=True, rest_bits=4).validate()
+
+
+@pytest.mark.parametrize("options", [{"codebook": False}, {"codebook": False, "adaptive": True},
+                                     {"dense_fallback": True}])
+def test_low_bit_columns_keep_more_tokens_in_the_same_bytes(tiny_lm, prompt, options):
+    """bits: the vectors a layer keeps are stored in 8 bits, so the calibration fits more of them;
+    each stored column is its token's vector up to the quantization step, and decoding goes on."""
+    plain = compressed(tiny_lm.model, SpindleKV(ratio=0.3, **options), prompt)
+    cache = compressed(tiny_lm.model, SpindleKV(ratio=0.3, bits=8, group=16, **options), prompt)
+    assert cache.nbytes() == sum(stored_tensor_bytes(layer.store) for layer in cache.layers)
+    assert 0.8 * 0.3 * cache.dense_nbytes() <= cache.nbytes() <= 0.3 * cache.dense_nbytes()
+    seen = [layer.store.attended_tokens() for layer in cache.layers]
+    assert sum(seen) > 1.5 * sum(layer.store.attended_tokens() for layer in plain.layers)
+    dense, _ = reference_layers(tiny_lm.model, prompt)
+    for layer, (keys, values) in zip(cache.layers, dense):
+        store = layer.store
+        assert isinstance(store.values, QuantizedColumns) and store.values.bits == 8
+        if isinstance(store.keys, CodedKeys):  # the codebook won on keys: its entries stay as they were
+            continue
+        assert isinstance(store.keys, QuantizedColumns)
+        k, v = store.materialize()
+        for got, want in ((k, keys), (v, values)):  # each column is within a step of some original token
+            step = 2 * float(want.abs().amax()) / 255
+            gap = (got[0, :, :, None] - want[0, :, None]).abs().amax(dim=-1).amin(dim=-1)
+            assert float(gap.max()) <= step + 1e-4
+    press = SpindleKV(ratio=0.3, bits=8, group=16, **options)
+    cache = compressed(tiny_lm.model, press, prompt[:, :-1])
+    stored = [len(layer.store) for layer in cache.layers]
+    out = greedy(tiny_lm.model, prompt, **with_cache(tiny_lm.model, cache), max_new_tokens=20, min_new_tokens=20)
+    assert out.shape[1] == N + 20  # 20 columns added: one group of 16 quantized, 4 waiting
+    assert [len(layer.store) for layer in cache.layers] == [s + 20 for s in stored]
+    assert all(len(layer.store.values.chunks) == 2 and len(layer.store.values.tail) == 4 for layer in cache.layers)
 
 
 def test_codebook_only_keeps_every_token(tiny_lm, prompt):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .contracts import Store
-from .store import DenseStore
+from .store import DenseColumns, DenseStore
 
 BITS = (8, 4, 2)  # most bits first: a ratio gets the most that fit
 STATS = torch.float16
@@ -200,6 +200,56 @@ class TieredStore(Store):
         return self.kept.nbytes() + self.rest.nbytes()
 
 
+class QuantizedColumns:
+    """One part (keys or values) of a :class:`~ctxpress.kv.store.HeadwiseStore`, (kv_heads, columns, d),
+    in ``bits`` bits: keys per channel over groups of ``group`` columns, values per column (KIVI's split).
+
+    Columns added while decoding wait as they are until a full group of them can be quantized together.
+    """
+
+    def __init__(self, data: torch.Tensor, bits: int, group: int, per_channel: bool) -> None:
+        self.bits, self.group, self.per_channel, self.dtype = bits, group, per_channel, data.dtype
+        self.chunks: list[Quantized] = []  # the prompt's columns, then each full group of generated ones
+        self.length = 0
+        self.tail = DenseColumns(data[:, :0].clone())
+        self._quantize(data)
+
+    def _quantize(self, data: torch.Tensor) -> None:
+        if not data.shape[1]:
+            return
+        group = self.group if self.per_channel else None
+        self.chunks.append(Quantized.of(data, self.bits, dim=-2 if self.per_channel else -1, group=group))
+        self.length += data.shape[1]
+
+    def __len__(self) -> int:
+        return self.length + len(self.tail)
+
+    @property
+    def width(self) -> int:
+        return self.tail.width
+
+    def append(self, vectors: torch.Tensor, position: int) -> None:
+        self.tail.append(vectors, position)
+        if len(self.tail) >= self.group:
+            waiting = self.tail.materialize()
+            full = len(self.tail) // self.group * self.group
+            self._quantize(waiting[:, :full])
+            self.tail = DenseColumns(waiting[:, full:].clone())
+
+    def materialize(self) -> torch.Tensor:
+        out = self.tail.buffer.new_empty(self.tail.buffer.shape[0], len(self), self.width)
+        start = 0
+        for chunk in self.chunks:
+            end = start + chunk.codes.shape[-2]
+            chunk.values(self.bits, self.dtype, out=out[:, start:end])
+            start = end
+        out[:, start:] = self.tail.materialize()
+        return out
+
+    def nbytes(self) -> int:
+        return sum(chunk.nbytes() for chunk in self.chunks) + self.tail.nbytes()
+
+
 def bits_that_fit(shapes: list[torch.Size], element: int, ratio: float, group: int,
                   choices: tuple[int, ...] = BITS) -> int | None:
     """The most bits (of ``choices``) in which every token of layers of ``shapes`` (b, kv_heads, n, d)
@@ -213,11 +263,17 @@ def bits_that_fit(shapes: list[torch.Size], element: int, ratio: float, group: i
 
 def quantized_nbytes(batch: int, kv_heads: int, n: int, dim: int, bits: int, group: int) -> int:
     """Bytes of a :class:`QuantizedStore` of ``n`` prompt tokens (one layer), without building it."""
+    rows = batch * kv_heads
+    return sum(quantized_part_nbytes(rows, n, dim, bits, group, per_channel) for per_channel in (True, False))
+
+
+def quantized_part_nbytes(rows: int, n: int, dim: int, bits: int, group: int, per_channel: bool) -> int:
+    """Bytes of ``rows`` x ``n`` vectors of ``dim`` in ``bits`` bits: per channel over groups of ``group``
+    tokens (keys) or per token (values); a minimum and a step per group."""
     stat = torch.finfo(STATS).bits // 8
-    codes = 2 * batch * kv_heads * n * dim * bits // 8
-    key_stats = 2 * batch * kv_heads * math.ceil(n / group) * dim * stat
-    value_stats = 2 * batch * kv_heads * n * stat
-    return codes + key_stats + value_stats
+    stats = math.ceil(n / group) * dim if per_channel else n
+    return rows * n * dim * bits // 8 + 2 * rows * stats * stat
 
 
-__all__ = ["BITS", "Quantized", "QuantizedStore", "TieredStore", "bits_that_fit", "quantized_nbytes"]
+__all__ = ["BITS", "Quantized", "QuantizedColumns", "QuantizedStore", "TieredStore", "bits_that_fit",
+           "quantized_nbytes", "quantized_part_nbytes"]

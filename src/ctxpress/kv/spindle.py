@@ -27,6 +27,7 @@ import torch
 from ..errors import InputError
 from . import codebook as cb
 from .contracts import PrefilledLayer, Store
+from .lowbit import QuantizedColumns, QuantizedStore, quantized_part_nbytes
 from .presses import PyramidKV
 from .rope import interleave, phases, rotary_module, unrotate
 from .scores import group_mean, pooled_ranks, unit_scores
@@ -50,7 +51,12 @@ class SpindleKV(PyramidKV):
     them: no mask, whose bytes then go to tokens; needs ``codebook=False``).
     ``adaptive=True`` departs from the paper: a layer's budget goes to its
     best (head, token) pairs, as AdaKV allocates it, instead of the same
-    number of tokens to every head.
+    number of tokens to every head. ``bits`` (8, 4 or 2) stores the parts
+    kept as vectors (all of them without codebooks, the dense fallback with)
+    in that many bits, KIVI-style with ``group`` columns per key group, so
+    the byte calibration keeps more tokens; codebook entries and magnitudes
+    stay in the cache's dtype. ``rest_bits`` applies to the plain eviction
+    form only (``per_head``, ``codebook`` and ``adaptive`` false).
     """
 
     per_head: bool = True
@@ -84,9 +90,8 @@ class SpindleKV(PyramidKV):
         for name in ("theta_k", "theta_v"):
             if not -1 <= getattr(self, name) <= 1:
                 raise InputError(f"{name} must be a cosine similarity in [-1, 1]")
-        if (self.bits is not None or self.rest_bits is not None) and (self.per_head or self.codebook
-                                                                      or self.adaptive):
-            raise InputError("spindlekv: bits and rest_bits apply to its plain eviction only "
+        if self.rest_bits is not None and not self.is_pyramidkv:
+            raise InputError("spindlekv: rest_bits applies to its plain eviction only "
                              "(per_head=false, codebook=false, adaptive=false)")
         if not self.head_masks and self.codebook:
             raise InputError("spindlekv: head_masks=false stores its columns densely, so it needs codebook=false")
@@ -256,6 +261,14 @@ class LayerPlan:
         keys = interleave(self.layer.keys[0, g, tokens])
         return unrotate(keys, phases(self.rotary, tokens, keys, self.n))
 
+    def vector_bytes(self, columns: int, part: int) -> int:
+        """Bytes of ``columns`` stored columns of the keys (``part`` 0) or values (1) kept as vectors:
+        in the cache's dtype, or in the press's ``bits`` (keys per channel, values per column)."""
+        if self.press.bits is None:
+            return self.kv_heads * columns * self.dim * self.itemsize
+        return quantized_part_nbytes(self.kv_heads, columns, self.dim, self.press.bits, self.press.group,
+                                     per_channel=part == 0)
+
     def coded_bytes(self, columns: int) -> tuple[int, int]:
         """Bytes of the keys and of the values of ``columns`` stored columns, if coded (needs
         :meth:`prepare` on at least as many): entries and their group tags, an index and a magnitude
@@ -274,16 +287,16 @@ class LayerPlan:
         """Columns stored for ``keep`` and per part (K, V) the bytes coded, or None for dense.
 
         A part is coded when its codebook makes it smaller than storing the
-        vectors as they are, by at least ``min_saving`` of the dense size
-        (always, with ``dense_fallback=False``): dense parts are read as they
-        are at each step, coded ones rebuilt.
+        vectors (as they are, or in ``bits``), by at least ``min_saving`` of
+        that size (always, with ``dense_fallback=False``): vectors are read
+        (or dequantized) at each step, coded parts rebuilt.
         """
         columns = self.width(keep)
         if not self.press.codebook:
             return columns, [None, None]
-        dense = self.kv_heads * columns * self.dim * self.itemsize
         layout: list[int | None] = []
-        for coded in self.coded_bytes(columns):
+        for part, coded in enumerate(self.coded_bytes(columns)):
+            dense = self.vector_bytes(columns, part)
             worth = coded < dense and coded <= (1 - self.press.min_saving) * dense
             layout.append(coded if worth or not self.press.dense_fallback else None)
         return columns, layout
@@ -291,20 +304,24 @@ class LayerPlan:
     def nbytes(self, keep: int) -> int:
         """Exact bytes of the store :meth:`store` would build for ``keep``."""
         columns, layout = self.layout(keep)
-        dense = self.kv_heads * columns * self.dim * self.itemsize
         masks = self.selectors * columns if self.press.head_masks else 0
-        return masks + sum(dense if coded is None else coded for coded in layout)
+        return masks + sum(self.vector_bytes(columns, part) if coded is None else coded
+                           for part, coded in enumerate(layout))
 
     def store(self, keep: int) -> Store:
         """The compressed layer for ``keep`` tokens per head (a mean with ``adaptive``): a
-        :class:`HeadwiseStore`, or with ``head_masks=False`` a :class:`DenseStore` of the groups' columns."""
+        :class:`HeadwiseStore`, or with ``head_masks=False`` the groups' columns as plain tokens
+        (a :class:`DenseStore`, or a :class:`QuantizedStore` with ``bits``)."""
         if self.press.codebook and self.width(keep) > self.built:
             self.prepare(keep)
         columns, layout = self.layout(keep)
         tokens = self.order[:, :columns]  # (kv_heads, columns)
         if not self.press.head_masks:  # every head sees its group's columns: plain tensors, in prompt order
             index = tokens.sort(dim=1).values[None, :, :, None].expand(-1, -1, -1, self.dim)
-            return DenseStore(self.layer.keys.gather(2, index), self.layer.values.gather(2, index))
+            keys, values = self.layer.keys.gather(2, index), self.layer.values.gather(2, index)
+            if self.press.bits is None:
+                return DenseStore(keys, values)
+            return QuantizedStore(keys, values, self.press.bits, self.press.group)
         # a group's heads see their tokens up to the union rank of its first token not stored
         bound = torch.as_tensor(self._sorted_union[:, columns], device=tokens.device)
         ranks = self.rank.view(self.kv_heads, self.group_size, self.n)
@@ -315,7 +332,8 @@ class LayerPlan:
                                                (self.layer.values, self.press.theta_v))):
             if layout[part] is None:
                 vectors = dense[0].gather(1, tokens[..., None].expand(-1, -1, self.dim))
-                parts.append(DenseColumns(vectors))
+                parts.append(DenseColumns(vectors) if self.press.bits is None else
+                             QuantizedColumns(vectors, self.press.bits, self.press.group, per_channel=part == 0))
             else:
                 parts.append(self._coded(tokens, part, theta))
         return HeadwiseStore(parts[0], parts[1], visible)

@@ -7,11 +7,13 @@
   stores the same number of tokens, its "columns", and a boolean mask per
   query head (or KV head, without per-head selection) marks the columns the
   head attends to, so attention runs once per layer over one key block.
-  Keys and values are each either :class:`DenseColumns` (the vectors as they
-  are) or :class:`CodedColumns` (codebook index and magnitude per column;
-  :class:`CodedKeys` adds the positions to re-apply RoPE). Column-shaped
-  index, magnitude and position tensors make rebuilding a part at a
-  decoding step one gather and one multiplication, with no lookup of rows.
+  Keys and values are each a :class:`Columns` part: :class:`DenseColumns`
+  (the vectors as they are), :class:`CodedColumns` (codebook index and
+  magnitude per column; :class:`CodedKeys` adds the positions to re-apply
+  RoPE) or :class:`~ctxpress.kv.lowbit.QuantizedColumns` (low-bit codes).
+  Column-shaped index, magnitude and position tensors make rebuilding a
+  coded part at a decoding step one gather and one multiplication, with no
+  lookup of rows.
 
 Stores rebuild attention-ready tensors on demand (:meth:`materialize`) and
 never keep them: what stays in memory between steps is what ``nbytes``
@@ -19,6 +21,8 @@ counts.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 
@@ -76,6 +80,29 @@ class DenseStore(Store):
 
     def nbytes(self) -> int:
         return _nbytes(self.keys, self.values)
+
+
+class Columns(Protocol):
+    """The keys or the values of a :class:`HeadwiseStore`: (kv_heads, columns, d) in some encoding."""
+
+    def __len__(self) -> int: ...
+
+    @property
+    def width(self) -> int:
+        """The head dimension ``d``."""
+        ...
+
+    def append(self, vectors: torch.Tensor, position: int) -> None:
+        """Add (kv_heads, n, d) vectors as new columns, the first at sequence ``position``."""
+        ...
+
+    def materialize(self) -> torch.Tensor:
+        """Every column as a plain tensor, (kv_heads, columns, d); never kept."""
+        ...
+
+    def nbytes(self) -> int:
+        """Bytes held between decoding steps."""
+        ...
 
 
 class DenseColumns:
@@ -277,8 +304,7 @@ class HeadwiseStore(Store):
 
     batch = 1
 
-    def __init__(self, keys: DenseColumns | CodedColumns, values: DenseColumns | CodedColumns,
-                 visible: torch.Tensor) -> None:
+    def __init__(self, keys: Columns, values: Columns, visible: torch.Tensor) -> None:
         self.keys, self.values = keys, values
         # Coded keys come back interleaved (see ctxpress.kv.rope); so must the queries.
         self.interleaved = isinstance(keys, CodedKeys)
