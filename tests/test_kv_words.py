@@ -203,5 +203,8 @@ def test_bits_are_checked():
         with pytest.raises(InputError, match=match):
             build_press("snapkv", ratio=0.3, **options)
     with pytest.raises(InputError, match="plain eviction only"):
-        build_press("spindlekv", ratio=0.3, bits=4)
-    assert build_press("spindlekv", ratio=0.3, bits=4, per_head=False, codebook=False).bits == 4
+        build_press("spindlekv", ratio=0.3, rest_bits=4)
+    assert build_press("spindlekv", ratio=0.3, rest_bits=4, per_head=False, codebook=False).rest_bits == 4
+    assert build_press("spindlekv", ratio=0.3, bits=4).bits == 4  # its headwise store takes bits too
+    with pytest.raises(InputError, match="bits must be one of"):
+        build_press("spindlekv-words", ratio=0.3, bits=3)
