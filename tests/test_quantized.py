@@ -58,7 +58,7 @@ def test_stores_decode_into_slices_as_the_formula_says(bits):
     for t in range(37, 45):  # one more full group of 8 is quantized as a chunk of its own
         store.append(keys[..., t : t + 1, :], values[..., t : t + 1, :], t)
     store.append(keys[..., :3, :], values[..., :3, :], 45)  # three more wait in the tail
-    assert len(store.key_chunks) == 2 and len(store.tail) == 3
+    assert len(store.keys.chunks) == 2 and len(store.keys.tail) == len(store.values.tail) == 3
 
     def reference(chunk, group):
         codes = _unpack(chunk.codes, bits).float()
@@ -68,8 +68,8 @@ def test_stores_decode_into_slices_as_the_formula_says(bits):
             low, step = low[..., index, :], step[..., index, :]
         return codes * step + low
 
-    want_k = torch.cat([*(reference(c, 8) for c in store.key_chunks), store.tail.keys], dim=-2)
-    want_v = torch.cat([*(reference(c, None) for c in store.value_chunks), store.tail.values], dim=-2)
+    want_k = torch.cat([*(reference(c, 8) for c in store.keys.chunks), store.keys.tail.materialize()], dim=-2)
+    want_v = torch.cat([*(reference(c, None) for c in store.values.chunks), store.values.tail.materialize()], dim=-2)
     out = torch.zeros(2, 3, 60, 16)
     store.write_into(out[..., 5:53, :], out[..., 5:53, :].clone().zero_())
     torch.testing.assert_close(out[..., 5:53, :], want_k)
@@ -98,8 +98,8 @@ def test_store_counts_its_bytes_and_decodes_through_the_tail(tiny_lm, prompt, bi
         for t in range(40):
             tiny_lm.model(prompt[:, t : t + 1], **with_cache(tiny_lm.model, cache))
     store = cache.layers[0].store
-    assert len(store) == N + 40 and len(store.tail) == 8
-    assert len(store.key_chunks) == 2  # the prompt in one chunk, then one group of generated tokens
+    assert len(store) == N + 40 and len(store.keys.tail) == len(store.values.tail) == 8
+    assert len(store.keys.chunks) == len(store.values.chunks) == 2  # the prompt in one chunk, then one group of generated tokens
 
 
 def test_eight_bits_answer_like_the_full_cache(tiny_lm, prompt):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .contracts import Store
-from .store import DenseColumns, DenseStore
+from .store import DenseColumns
 
 BITS = (8, 4, 2)  # most bits first: a ratio gets the most that fit
 STATS = torch.float16
@@ -96,70 +96,115 @@ class Quantized:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.low, self.step))
 
 
-class QuantizedStore(Store):
-    """Keys per channel over token groups, values per token; a dense tail for tokens still to quantize.
+class QuantizedColumns:
+    """Keys or values in ``bits`` bits along the token dimension, (..., tokens, d): keys per channel
+    over groups of ``group`` tokens, values per token (KIVI's split). Both parts of a
+    :class:`QuantizedStore` (b, kv_heads, tokens, d) and one part of SpindleKV's
+    :class:`~ctxpress.kv.store.HeadwiseStore` (kv_heads, columns, d).
 
     The prompt is one chunk of codes and every later full group of generated tokens another, so
-    reading the cache back costs a few operations per chunk, not per group.
+    reading the part back costs a few operations per chunk, not per group. Tokens added while
+    decoding wait as they are until a full group of them can be quantized together.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, bits: int, group: int) -> None:
-        self.bits, self.group, self.dtype = bits, group, keys.dtype
-        self.key_chunks: list[Quantized] = []  # (b, kv_heads, tokens, d) each, a multiple of group but the last
-        self.value_chunks: list[Quantized] = []
-        self.tail = DenseStore(keys[..., :0, :], values[..., :0, :])  # tokens waiting for a full group
+    def __init__(self, data: torch.Tensor, bits: int, group: int, per_channel: bool) -> None:
+        self.bits, self.group, self.per_channel, self.dtype = bits, group, per_channel, data.dtype
+        self.chunks: list[Quantized] = []  # a multiple of `group` tokens each, but the last
         self.length = 0
-        self._quantize(keys, values)
+        # tokens waiting for a full group; at most a group of them, so no room is reserved: the bytes
+        # held are exactly the codes, the statistics and the waiting tokens
+        self.tail = DenseColumns(data[..., :0, :].clone(), reserve=0)
+        self._quantize(data)
 
-    def _quantize(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        if not keys.shape[-2]:
+    def _quantize(self, data: torch.Tensor) -> None:
+        if not data.shape[-2]:
             return
-        self.key_chunks.append(Quantized.of(keys, self.bits, dim=-2, group=self.group))  # per channel
-        self.value_chunks.append(Quantized.of(values, self.bits, dim=-1))  # per token
-        self.length += keys.shape[-2]
+        if self.per_channel:
+            self.chunks.append(Quantized.of(data, self.bits, dim=-2, group=self.group))
+        else:
+            self.chunks.append(Quantized.of(data, self.bits, dim=-1))
+        self.length += data.shape[-2]
 
     def __len__(self) -> int:
         return self.length + len(self.tail)
 
     @property
-    def batch(self) -> int:
-        return self.tail.batch
+    def width(self) -> int:
+        return self.tail.width
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, position: int) -> None:
-        self.tail.append(keys, values, position)
+    def append(self, vectors: torch.Tensor, position: int) -> None:
+        self.tail.append(vectors, position)
         if len(self.tail) >= self.group:
+            waiting = self.tail.materialize()
             full = len(self.tail) // self.group * self.group
-            keys, values = self.tail.keys, self.tail.values
-            self._quantize(keys[..., :full, :], values[..., :full, :])
-            self.tail = DenseStore(keys[..., full:, :], values[..., full:, :])
+            self._quantize(waiting[..., :full, :])
+            self.tail = DenseColumns(waiting[..., full:, :].clone(), reserve=0)
 
-    def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (*self.tail.keys.shape[:-2], len(self), self.tail.keys.shape[-1])
-        keys = self.tail.keys.new_empty(shape)
-        values = self.tail.values.new_empty(shape)
-        self.write_into(keys, values)
-        return keys, values
+    def new_empty(self, n: int) -> torch.Tensor:
+        """An uninitialised (..., n, d) tensor of this part's shape, dtype and device."""
+        like = self.tail.buffer
+        return like.new_empty(*like.shape[:-2], n, like.shape[-1])
 
-    def write_into(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Each chunk dequantized straight into its slice: no concatenation copies the cache again."""
+    def write_into(self, out: torch.Tensor) -> None:
+        """Each chunk dequantized straight into its slice of ``out``: no concatenation copies it again."""
         start = 0
-        for key_chunk, value_chunk in zip(self.key_chunks, self.value_chunks):
-            end = start + key_chunk.codes.shape[-2]
-            key_chunk.values(self.bits, self.dtype, out=keys[..., start:end, :])
-            value_chunk.values(self.bits, self.dtype, out=values[..., start:end, :])
+        for chunk in self.chunks:
+            end = start + chunk.codes.shape[-2]
+            chunk.values(self.bits, self.dtype, out=out[..., start:end, :])
             start = end
-        self.tail.write_into(keys[..., start:, :], values[..., start:, :])
+        out[..., start:, :] = self.tail.materialize()
+
+    def materialize(self) -> torch.Tensor:
+        out = self.new_empty(len(self))
+        self.write_into(out)
+        return out
 
     def reorder(self, beam_idx: torch.Tensor) -> None:
+        """Reorder the leading (batch) dimension (beam search)."""
         def pick(t: torch.Tensor) -> torch.Tensor:
             return t.index_select(0, beam_idx.to(t.device))
 
-        for chunk in (*self.key_chunks, *self.value_chunks):
+        for chunk in self.chunks:
             chunk.codes, chunk.low, chunk.step = pick(chunk.codes), pick(chunk.low), pick(chunk.step)
         self.tail.reorder(beam_idx)
 
     def nbytes(self) -> int:
-        return sum(c.nbytes() for c in (*self.key_chunks, *self.value_chunks)) + self.tail.nbytes()
+        return sum(chunk.nbytes() for chunk in self.chunks) + self.tail.nbytes()
+
+
+class QuantizedStore(Store):
+    """A layer's tokens in ``bits`` bits: keys and values each a :class:`QuantizedColumns`,
+    (b, kv_heads, tokens, d)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, bits: int, group: int) -> None:
+        self.bits, self.group = bits, group
+        self.keys = QuantizedColumns(keys, bits, group, per_channel=True)
+        self.values = QuantizedColumns(values, bits, group, per_channel=False)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def batch(self) -> int:
+        return self.keys.tail.buffer.shape[0]
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, position: int) -> None:
+        self.keys.append(keys, position)
+        self.values.append(values, position)
+
+    def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys.materialize(), self.values.materialize()
+
+    def write_into(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys.write_into(keys)
+        self.values.write_into(values)
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        self.keys.reorder(beam_idx)
+        self.values.reorder(beam_idx)
+
+    def nbytes(self) -> int:
+        return self.keys.nbytes() + self.values.nbytes()
 
 
 class TieredStore(Store):
@@ -185,9 +230,8 @@ class TieredStore(Store):
         self.kept.append(keys, values, position)
 
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        like, rest = self.rest.tail.keys, len(self.rest)  # the tail has the cache's shape and dtype, if no tokens
-        shape = (*like.shape[:-2], len(self), like.shape[-1])
-        keys, values = like.new_empty(shape), like.new_empty(shape)
+        rest = len(self.rest)
+        keys, values = self.rest.keys.new_empty(len(self)), self.rest.values.new_empty(len(self))
         self.rest.write_into(keys[..., :rest, :], values[..., :rest, :])
         self.kept.write_into(keys[..., rest:, :], values[..., rest:, :])
         return keys, values
@@ -198,56 +242,6 @@ class TieredStore(Store):
 
     def nbytes(self) -> int:
         return self.kept.nbytes() + self.rest.nbytes()
-
-
-class QuantizedColumns:
-    """One part (keys or values) of a :class:`~ctxpress.kv.store.HeadwiseStore`, (kv_heads, columns, d),
-    in ``bits`` bits: keys per channel over groups of ``group`` columns, values per column (KIVI's split).
-
-    Columns added while decoding wait as they are until a full group of them can be quantized together.
-    """
-
-    def __init__(self, data: torch.Tensor, bits: int, group: int, per_channel: bool) -> None:
-        self.bits, self.group, self.per_channel, self.dtype = bits, group, per_channel, data.dtype
-        self.chunks: list[Quantized] = []  # the prompt's columns, then each full group of generated ones
-        self.length = 0
-        self.tail = DenseColumns(data[:, :0].clone())
-        self._quantize(data)
-
-    def _quantize(self, data: torch.Tensor) -> None:
-        if not data.shape[1]:
-            return
-        group = self.group if self.per_channel else None
-        self.chunks.append(Quantized.of(data, self.bits, dim=-2 if self.per_channel else -1, group=group))
-        self.length += data.shape[1]
-
-    def __len__(self) -> int:
-        return self.length + len(self.tail)
-
-    @property
-    def width(self) -> int:
-        return self.tail.width
-
-    def append(self, vectors: torch.Tensor, position: int) -> None:
-        self.tail.append(vectors, position)
-        if len(self.tail) >= self.group:
-            waiting = self.tail.materialize()
-            full = len(self.tail) // self.group * self.group
-            self._quantize(waiting[:, :full])
-            self.tail = DenseColumns(waiting[:, full:].clone())
-
-    def materialize(self) -> torch.Tensor:
-        out = self.tail.buffer.new_empty(self.tail.buffer.shape[0], len(self), self.width)
-        start = 0
-        for chunk in self.chunks:
-            end = start + chunk.codes.shape[-2]
-            chunk.values(self.bits, self.dtype, out=out[:, start:end])
-            start = end
-        out[:, start:] = self.tail.materialize()
-        return out
-
-    def nbytes(self) -> int:
-        return sum(chunk.nbytes() for chunk in self.chunks) + self.tail.nbytes()
 
 
 def bits_that_fit(shapes: list[torch.Size], element: int, ratio: float, group: int,

@@ -106,7 +106,7 @@ class Columns(Protocol):
 
 
 class DenseColumns:
-    """Vectors as they are, (kv_heads, columns, d).
+    """Vectors as they are, (..., columns, d): (kv_heads, columns, d) in a :class:`HeadwiseStore`.
 
     New vectors go into room reserved ``reserve`` columns at a time, so most
     decoding steps write one column instead of copying the whole part (as a
@@ -115,8 +115,8 @@ class DenseColumns:
     """
 
     def __init__(self, data: torch.Tensor, reserve: int = ROOM) -> None:
-        self.buffer = data.contiguous()  # (kv_heads, capacity, d); the first `length` columns are filled
-        self.length = data.shape[1]
+        self.buffer = data.contiguous()  # (..., capacity, d); the first `length` columns are filled
+        self.length = data.shape[-2]
         self.reserve = reserve
 
     def __len__(self) -> int:
@@ -127,16 +127,20 @@ class DenseColumns:
         return self.buffer.shape[-1]
 
     def append(self, vectors: torch.Tensor, position: int) -> None:
-        end = self.length + vectors.shape[1]
-        if end > self.buffer.shape[1]:
-            grown = self.buffer.new_empty(self.buffer.shape[0], end + self.reserve, self.width)
-            grown[:, : self.length] = self.buffer[:, : self.length]
+        end = self.length + vectors.shape[-2]
+        if end > self.buffer.shape[-2]:
+            grown = self.buffer.new_empty(*self.buffer.shape[:-2], end + self.reserve, self.width)
+            grown[..., : self.length, :] = self.buffer[..., : self.length, :]
             self.buffer = grown
-        self.buffer[:, self.length : end] = vectors
+        self.buffer[..., self.length : end, :] = vectors
         self.length = end
 
     def materialize(self) -> torch.Tensor:
-        return self.buffer[:, : self.length]
+        return self.buffer[..., : self.length, :]
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        """Reorder the leading (batch) dimension (beam search)."""
+        self.buffer = self.buffer.index_select(0, beam_idx.to(self.buffer.device))
 
     def nbytes(self) -> int:
         return _nbytes(self.buffer)
