@@ -8,6 +8,7 @@ every number in those tables can be traced to a run and regenerated.
 Usage:
   python benchmarks/results_tables.py prompt docs/results/prompt [--reference dac-words] [--rates 0.5,0.33]
   python benchmarks/results_tables.py kv docs/results/kv --task niah [--reference snapkv-tiered] [--ratios 0.2,0.1]
+  python benchmarks/results_tables.py standing docs/results/kv [--reference snapkv-tiered] [--against snapkv,...]
 
 A configuration's paired difference is "reference minus it", in **bold**
 where the 95% interval excludes zero. Only examples that both rows have are
@@ -121,19 +122,59 @@ def kv_tables(summary: list[dict], comparisons: list[dict], task: str, reference
     return "\n".join(out)
 
 
+def standing(summary: list[dict], comparisons: list[dict], reference: str, against: list[str],
+             ratios: list[str]) -> str:
+    """One line per task, setting and ratio: the reference minus each of ``against`` (and the full
+    cache) on gold NLL and KL, paired, so where it wins, ties or loses shows at a glance."""
+    configs = {(s["task"], s["config"]) for s in summary}
+
+    def cell(task: str, ref: str, other: str) -> str:
+        if (task, other) not in configs:
+            return "not run"
+        parts = []
+        for measure in ("nll", "kl") if other != "full" else ("nll",):
+            text = difference(comparisons, task, ref, other, measure)
+            parts.append("-" if text == "-" else text.strip("*").partition(" ")[0] + ("*" if text[0] == "*" else ""))
+        return " / ".join(parts)
+
+    out = [f"| task | setting | bytes | n | {reference} minus full: NLL | "
+           + " | ".join(f"minus {m}: NLL / KL" for m in against) + " |",
+           "|---|---|---:|---:|---:|" + "---:|" * len(against)]
+    for task in dict.fromkeys(s["task"] for s in summary):
+        for ratio in ratios:
+            for setting, suffix in (("aware", ":aware"), ("agnostic", "")):
+                ref = f"kv:{reference}@{ratio}{suffix}"
+                row = next((s for s in summary if s["task"] == task and s["config"] == ref), None)
+                if row is None:
+                    continue
+                cells = [cell(task, ref, f"kv:{m}@{ratio}{suffix}") for m in against]
+                out.append(f"| {task} | {setting} | {float(ratio):.0%} | {row['examples']} "
+                           f"| {cell(task, ref, 'full')} | " + " | ".join(cells) + " |")
+    out.append(f"\n{reference} minus the method, paired over the examples both have; * where the 95% bootstrap "
+               "interval excludes zero; negative: the reference has the lower NLL (or KL).")
+    return "\n".join(out)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
-    parser.add_argument("family", choices=("prompt", "kv"))
+    parser.add_argument("family", choices=("prompt", "kv", "standing"),
+                        help="prompt or kv: per-task tables; standing: the KV reference against the "
+                             "baselines at every task, setting and ratio, one line each")
     parser.add_argument("folder", type=Path)
     parser.add_argument("--reference", help="the configuration the others are compared with "
                                             "(default: dac-words for prompt, snapkv-tiered for kv)")
     parser.add_argument("--rates", default="0.5,0.33", help="prompt rates, in order")
     parser.add_argument("--ratios", default="0.2,0.1,0.5", help="KV ratios, in order")
     parser.add_argument("--task", default="niah", help="the KV task to tabulate")
+    parser.add_argument("--against", default="snapkv,pyramidkv,streaming,quantized,spindlekv",
+                        help="standing: the methods the reference is compared with")
     args = parser.parse_args()
     summary, comparisons = load(args.folder)
     if args.family == "prompt":
         text = prompt_tables(summary, comparisons, args.reference or "dac-words", args.rates.split(","))
+    elif args.family == "standing":
+        text = standing(summary, comparisons, args.reference or "snapkv-tiered", args.against.split(","),
+                        args.ratios.split(","))
     else:
         text = kv_tables(summary, comparisons, args.task, args.reference or "snapkv-tiered", args.ratios.split(","))
     print(text.strip() or f"results_tables: nothing to tabulate in {args.folder}")

@@ -99,7 +99,8 @@ def test_store_counts_its_bytes_and_decodes_through_the_tail(tiny_lm, prompt, bi
             tiny_lm.model(prompt[:, t : t + 1], **with_cache(tiny_lm.model, cache))
     store = cache.layers[0].store
     assert len(store) == N + 40 and len(store.keys.tail) == len(store.values.tail) == 8
-    assert len(store.keys.chunks) == len(store.values.chunks) == 2  # the prompt in one chunk, then one group of generated tokens
+    # the prompt in one chunk, then one group of generated tokens
+    assert len(store.keys.chunks) == len(store.values.chunks) == 2
 
 
 def test_eight_bits_answer_like_the_full_cache(tiny_lm, prompt):

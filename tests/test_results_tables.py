@@ -1,0 +1,34 @@
+"""The README's standing table is read from a bench folder's summary and paired comparisons."""
+
+import importlib.util
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "results_tables.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("results_tables", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def comparison(a, b, measure, mean, low, high):
+    return {"task": "niah", "a": a, "b": b, "measure": measure, "mean": mean, "low": low, "high": high}
+
+
+def test_standing_marks_what_excludes_zero_and_what_was_not_run():
+    tables = load_script()
+    ref, snap, quant = "kv:snapkv-tiered@0.2:aware", "kv:snapkv@0.2:aware", "kv:quantized@0.2:aware"
+    summary = [{"task": "niah", "config": c, "examples": 30} for c in ("full", ref, snap, quant)]
+    comparisons = [
+        comparison(ref, "full", "nll", 0.004, -0.009, 0.018),
+        comparison(ref, snap, "nll", -2.1, -2.3, -1.9),
+        comparison(snap, ref, "kl", 2.0, 1.8, 2.2),  # stored the other way round: negated
+        comparison(ref, quant, "nll", -0.027, -0.071, 0.014),
+        comparison(ref, quant, "kl", -0.024, -0.039, -0.011),
+    ]
+    lines = tables.standing(summary, comparisons, "snapkv-tiered", ["snapkv", "quantized", "streaming"],
+                            ["0.2"]).splitlines()
+    assert lines[2] == "| niah | aware | 20% | 30 | +0.004 | -2.100* / -2.000* | -0.027 / -0.024* | not run |"
+    assert len([line for line in lines if line.startswith("| niah")]) == 1  # no agnostic rows were run
