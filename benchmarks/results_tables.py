@@ -11,8 +11,9 @@ Usage:
   python benchmarks/results_tables.py standing docs/results/kv [--reference snapkv-tiered] [--against snapkv,...]
 
 A configuration's paired difference is "reference minus it", in **bold**
-where the 95% interval excludes zero. Only examples that both rows have are
-paired; ``n`` says how many.
+where the 95% interval excludes zero (marked * in the standing table). Only
+examples that both rows have are paired; ``n`` is a row's example count (in
+the standing table, the reference's).
 """
 
 from __future__ import annotations

@@ -109,10 +109,10 @@ class QuantizedColumns:
 
     def __init__(self, data: torch.Tensor, bits: int, group: int, per_channel: bool) -> None:
         self.bits, self.group, self.per_channel, self.dtype = bits, group, per_channel, data.dtype
-        self.chunks: list[Quantized] = []  # a multiple of `group` tokens each, but the last
+        self.chunks: list[Quantized] = []  # the prompt's tokens, then each full group of generated ones
         self.length = 0
-        # tokens waiting for a full group; at most a group of them, so no room is reserved: the bytes
-        # held are exactly the codes, the statistics and the waiting tokens
+        # tokens waiting for a full group (fewer than `group` between appends), so no room is reserved:
+        # the bytes held are exactly the codes, the statistics and the waiting tokens
         self.tail = DenseColumns(data[..., :0, :].clone(), reserve=0)
         self._quantize(data)
 

@@ -139,7 +139,8 @@ class DenseColumns:
         return self.buffer[..., : self.length, :]
 
     def reorder(self, beam_idx: torch.Tensor) -> None:
-        """Reorder the leading (batch) dimension (beam search)."""
+        """Reorder the leading dimension (beam search), for a (b, ..., d) layout; a headwise part's
+        leading dimension is its KV heads, and :class:`HeadwiseStore` never reorders."""
         self.buffer = self.buffer.index_select(0, beam_idx.to(self.buffer.device))
 
     def nbytes(self) -> int:
