@@ -20,7 +20,6 @@ from transformers import DynamicCache
 
 from ctxpress.compat import with_cache
 from ctxpress.models import LoadedModel
-from ctxpress.server import serving
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.",
@@ -47,7 +46,12 @@ settings.register_profile("long", max_examples=400, deadline=None, suppress_heal
 settings.load_profile(os.environ.get("CTXPRESS_PROPERTIES", "fast"))
 
 
-running_server = serving  # real HTTP servers in the tests
+def running_server(app, host: str = "127.0.0.1"):
+    """A real HTTP server for ``app`` (:func:`ctxpress.server.serving`), imported only by the tests
+    that serve, so the KV tests also run where the serve extra is not installed (a GPU machine)."""
+    from ctxpress.server import serving
+
+    return serving(app, host)
 
 
 def make_tokenizer():
