@@ -17,7 +17,8 @@ from ctxpress.bench.data import find_data_dir, load_essays
 from ctxpress.errors import InputError
 from ctxpress.memory import rss_bytes
 
-__all__ = ["available_bytes", "data_dir", "essays_text", "markdown_table", "peak_rss_bytes", "rss_bytes", "run_child"]
+__all__ = ["available_bytes", "data_dir", "essays_text", "markdown_table", "peak_rss_bytes", "press", "rss_bytes",
+           "run_child"]
 
 
 def data_dir(arg: str | None) -> Path:
@@ -60,3 +61,14 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def press(method: str, ratio: float):
+    """The press a method spec names (``NAME[:KEY=VALUE...]``), at ``ratio`` where it takes a budget."""
+    from ctxpress.kv import PRESSES, press_with_budget
+    from ctxpress.options import parse_options
+
+    name, *options = method.split(":")
+    options = parse_options(options)
+    takes = name in PRESSES and PRESSES[name].takes_budget(options)  # an unknown name fails in press_with_budget
+    return press_with_budget(name, ratio if takes else None, None, options)

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ctxpress.compat import with_cache
 from ctxpress.errors import InputError
 
-from common import data_dir, essays_text, markdown_table, run_child
+from common import data_dir, essays_text, markdown_table, press, run_child
 
 METHODS = ["streaming", "h2o", "snapkv", "pyramidkv", "spindlekv"]
 QUESTION = "What is the main argument of the text above?"
@@ -49,17 +49,6 @@ STEPS = 4  # decoding steps per method per round
 def _context(lm, data: Path, tokens: int) -> str:
     ids = lm.tokenizer(essays_text(data), add_special_tokens=False).input_ids
     return lm.tokenizer.decode(ids[:tokens])
-
-
-def press(method: str, ratio: float):
-    """The press a method spec names (``NAME[:KEY=VALUE...]``), at ``ratio`` where it takes a budget."""
-    from ctxpress.kv import PRESSES, press_with_budget
-    from ctxpress.options import parse_options
-
-    name, *options = method.split(":")
-    options = parse_options(options)
-    takes = name in PRESSES and PRESSES[name].takes_budget(options)  # an unknown name fails in press_with_budget
-    return press_with_budget(name, ratio if takes else None, None, options)
 
 
 def run_one(method: str, ratio: float, tokens: int, data: Path) -> dict:
