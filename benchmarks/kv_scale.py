@@ -103,10 +103,11 @@ def prefill(model, method: str, ratio: float, ids: torch.Tensor, words: torch.Te
         logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **with_cache(model, cache)).logits
     sync(device)
     total = time.perf_counter() - start
+    peak = peak_bytes(device)
     return {"cache": cache, "token": logits[:, -1:].argmax(-1),
             "stored_bytes": cache.nbytes(), "dense_bytes": cache.dense_nbytes(),
             "prefill_seconds": total - cache.compress_seconds, "compress_seconds": cache.compress_seconds,
-            "peak_bytes": peak_bytes(device), "peak_added_bytes": max(0, peak_bytes(device) - resident)}
+            "peak_bytes": peak, "peak_added_bytes": max(0, peak - resident)}
 
 
 def decode_seconds(model, state: dict, steps: int) -> float:

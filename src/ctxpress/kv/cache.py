@@ -285,15 +285,16 @@ def timed(state: PressState, fn: Callable[[], object]) -> object:
     is drained before and after, so the prefill's kernels are not counted as
     compression, nor the compression's left out.
     """
-    _drain()
+    device = next(state.model.parameters()).device
+    _drain(device)
     start = time.perf_counter()
     try:
         return fn()
     finally:
-        _drain()
+        _drain(device)
         state.compress_seconds += time.perf_counter() - start
 
 
-def _drain() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
+def _drain(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
