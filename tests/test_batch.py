@@ -115,3 +115,16 @@ def test_sigkill_mid_run_then_resume_writes_every_line_exactly_once(tmp_path, ti
     assert [o["line"] for o in out] == list(range(lines))
     assert [o["id"] for o in out] == [f"n{i}" for i in range(lines)]
     assert all("error" not in o and o["compressed_tokens"] > 0 for o in out)
+
+
+def test_a_ray_instance_started_here_runs_workers_at_the_drivers_priority():
+    """Ray's default niceness of 15 let any busy process starve the workers: ten times slower beside a bench."""
+    ray = pytest.importorskip("ray")
+    from ctxpress.batch import _init_ray
+
+    ray.shutdown()  # a fresh instance, not one an earlier test started
+    _init_ray(None)
+    try:
+        assert ray.get(ray.remote(lambda: os.nice(0)).remote()) == os.nice(0)
+    finally:
+        ray.shutdown()

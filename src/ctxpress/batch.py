@@ -164,8 +164,8 @@ class _RayLineWorker:
 
 
 def _started(actors: list, progress: bool | None) -> None:
-    """Wait until every actor has loaded its model, with a bar: on a busy machine this can take minutes
-    (Ray's workers run at a lower priority than the driver), and a worker that cannot load fails here."""
+    """Wait until every actor has loaded its model, with a bar: on a busy machine this can take minutes,
+    and a worker that cannot load fails here."""
     import ray
 
     waiting = [actor.ready.remote() for actor in actors]
@@ -180,6 +180,17 @@ def _started(actors: list, progress: bool | None) -> None:
             bar.update(len(done))
 
 
+def _init_ray(address: str | None) -> None:
+    """Connect to ``address``, or start a Ray instance on this machine whose workers run at the driver's
+    priority, as ``--engine local`` workers do: Ray's default (niceness 15) lets any other busy process
+    on the machine starve them, so a batch that takes a minute alone took over ten beside one."""
+    import ray
+
+    local = address is None and not os.environ.get("RAY_ADDRESS")
+    extra = {"_system_config": {"worker_niceness": 0}} if local else {}
+    ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False, **extra)
+
+
 def _ray_results(job: BatchJob, pending: Iterator[tuple[int, str]], progress: bool | None) -> Iterator[str]:
     """Lines through ``job.workers`` Ray actors, started once and fed in order, chunk by chunk."""
     try:
@@ -187,7 +198,7 @@ def _ray_results(job: BatchJob, pending: Iterator[tuple[int, str]], progress: bo
         from ray.util import ActorPool
     except ImportError as exc:
         raise CtxpressError("--engine ray needs Ray: pip install ray") from exc
-    ray.init(address=job.ray_address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+    _init_ray(job.ray_address)
     worker = ray.remote(num_cpus=job.threads)(_RayLineWorker)
     actors = [worker.remote(asdict(job)) for _ in range(job.workers)]
     pool = ActorPool(actors)
