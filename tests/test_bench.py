@@ -234,6 +234,27 @@ def test_cli_bench(tmp_path, data_dir, tiny_model_dir, capsys):
     assert code == 2 and "--data-dir" in capsys.readouterr().err
 
 
+def test_cli_bench_report_only_rewrites_the_summary_without_running(tmp_path, data_dir, tiny_model_dir, capsys):
+    out = tmp_path / "cli"
+    assert main(["bench", "--tasks", "kv-retrieval", "--examples", "1", "--data-dir", str(data_dir), "--out",
+                 str(out), "--model", tiny_model_dir, "--no-plots"]) == 0
+    rows = (out / RESULTS).read_text()
+    (out / "summary.md").unlink()
+    capsys.readouterr()
+    # no model, no data: neither is loaded
+    code = main(["bench", "--report-only", "--out", str(out), "--model", str(tmp_path / "no-model"),
+                 "--data-dir", str(tmp_path / "no-data"), "--no-plots"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "### kv-retrieval" in captured.out and (out / "summary.md").read_text() in captured.out
+    assert (out / RESULTS).read_text() == rows
+    code = main(["bench", "--report-only", "--out", str(tmp_path / "empty")])
+    assert code == 2 and "no results to report" in capsys.readouterr().err
+    code = main(["bench", "--report-only", "--fresh", "--out", str(out)])
+    assert code == 2 and "--fresh would discard them" in capsys.readouterr().err
+    assert (out / RESULTS).read_text() == rows
+
+
 def test_rows_of_a_shared_prefill_equal_rows_of_their_own(tmp_path, data_dir, tiny_lm, monkeypatch):
     """Presses of different needs (tokens, words, attention sums), in both settings, interleaved: every
     row equals the row of a run where its method is alone (so each setting's prefill is its own)."""

@@ -210,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0, help="example construction seed (default 0)")
     b.add_argument("--fresh", action="store_true", help="discard earlier results in --out instead of resuming")
     b.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
+    b.add_argument("--report-only", action="store_true",
+                   help="run nothing: rewrite the summary and plots from the results already in --out "
+                   "(after runs with --no-plots, or several runs into one folder)")
     b.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="never show the progress bar")
     _add_model_options(b)
@@ -349,13 +352,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.ratios is not None or args.settings is not None:
         chosen = chosen.at(ratios=None if args.ratios is None else _items(args.ratios),
                            settings=None if args.settings is None else _items(args.settings))
-    data = find_data_dir(args.data_dir, tasks)
     out = Path(args.out or Path("bench-out") / args.profile)
-    if args.fresh and (out / RESULTS).exists():
-        (out / RESULTS).unlink()
-    lm = load_model(args.model, device=args.device, dtype=args.dtype)
-    path = Runner(lm, chosen, data, out, seed=args.seed, split=args.split, tasks=tasks, examples=args.examples,
-                  progress=args.progress).run()
+    path = out / RESULTS
+    if args.report_only:
+        if args.fresh:
+            raise InputError("--report-only reports the results in --out; --fresh would discard them")
+        if not path.is_file():
+            raise InputError(f"no results to report in {out} (no {RESULTS}); run the bench into it first")
+    else:
+        data = find_data_dir(args.data_dir, tasks)
+        if args.fresh and path.exists():
+            path.unlink()
+        lm = load_model(args.model, device=args.device, dtype=args.dtype)
+        Runner(lm, chosen, data, out, seed=args.seed, split=args.split, tasks=tasks, examples=args.examples,
+               progress=args.progress).run()
     report.write(read_records(path), out, plots=args.plots)
     sys.stdout.write((out / "summary.md").read_text() + "\n")
     print(f"ctxpress: results in {out}", file=sys.stderr)
