@@ -13,7 +13,9 @@ Usage:
 A configuration's paired difference is "reference minus it", in **bold**
 where the 95% interval excludes zero (marked * in the standing table). Only
 examples that both rows have are paired; ``n`` is a row's example count (in
-the standing table, the reference's).
+the standing table, the reference's). As in the bench's own report, fewer
+than MIN_PAIRED (10) paired examples decide nothing: such a difference is
+never bold and says how many it paired, ``(n=2)``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from ctxpress.bench.stats import MIN_PAIRED
 
 PROMPT_ORDER = ["dac-words", "dac", "dac-static", "entropy", "entropy-dynamic", "attention", "random", "llmlingua"]
 KV_ORDER = ["snapkv-tiered", "snapkv:unit=word", "quantized", "snapkv", "pyramidkv", "spindlekv", "streaming"]
@@ -37,7 +41,9 @@ def load(folder: Path) -> tuple[list[dict], list[dict]]:
 
 
 def difference(comparisons: list[dict], task: str, a: str, b: str, measure: str) -> str:
-    """``a`` minus ``b`` on ``measure`` with its interval, bold if it excludes zero; '-' if not compared."""
+    """``a`` minus ``b`` on ``measure`` with its interval; bold where the report decided it (the interval
+    excludes zero over at least MIN_PAIRED examples); ``(n=K)`` after it when fewer were paired; '-' if
+    not compared."""
     for c in comparisons:
         if c["task"] != task or c["measure"] != measure:
             continue
@@ -48,6 +54,8 @@ def difference(comparisons: list[dict], task: str, a: str, b: str, measure: str)
         else:
             continue
         text = f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+        if c["n"] < MIN_PAIRED:
+            return f"{text} (n={c['n']})"
         return f"**{text}**" if low > 0 or high < 0 else text
     return "-"
 
@@ -136,7 +144,8 @@ def standing(summary: list[dict], comparisons: list[dict], reference: str, again
         for measure in ("nll", "kl") if other != "full" else ("nll",):
             text = difference(comparisons, task, ref, other, measure)
             parts.append("-" if text == "-" else text.strip("*").partition(" ")[0] + ("*" if text[0] == "*" else ""))
-        return " / ".join(parts)
+        few = difference(comparisons, task, ref, other, "nll").partition(" (n=")[2]
+        return " / ".join(parts) + (f" (n={few}" if few else "")
 
     out = [f"| task | setting | bytes | n | {reference} minus full: NLL | "
            + " | ".join(f"minus {m}: NLL / KL" for m in against) + " |",

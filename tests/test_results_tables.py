@@ -13,8 +13,8 @@ def load_script():
     return module
 
 
-def comparison(a, b, measure, mean, low, high):
-    return {"task": "niah", "a": a, "b": b, "measure": measure, "mean": mean, "low": low, "high": high}
+def comparison(a, b, measure, mean, low, high, n=30):
+    return {"task": "niah", "a": a, "b": b, "measure": measure, "mean": mean, "low": low, "high": high, "n": n}
 
 
 def test_standing_marks_what_excludes_zero_and_what_was_not_run():
@@ -32,3 +32,18 @@ def test_standing_marks_what_excludes_zero_and_what_was_not_run():
                             ["0.2"]).splitlines()
     assert lines[2] == "| niah | aware | 20% | 30 | +0.004 | -2.100* / -2.000* | -0.027 / -0.024* | not run |"
     assert len([line for line in lines if line.startswith("| niah")]) == 1  # no agnostic rows were run
+
+
+def test_too_few_pairs_decide_nothing_and_say_how_many():
+    """Two needles whose interval excludes zero are not a verdict (the report needs 10 pairs)."""
+    tables = load_script()
+    ref, h2o = "kv:snapkv-tiered@0.2:aware", "kv:h2o@0.2:aware"
+    summary = [{"task": "niah", "config": c, "examples": 30} for c in ("full", ref, h2o)]
+    comparisons = [comparison(ref, "full", "nll", 0.004, -0.009, 0.018),
+                   comparison(ref, h2o, "nll", -2.6, -2.7, -2.5, n=2),
+                   comparison(ref, h2o, "kl", -2.5, -2.6, -2.4, n=2)]
+    lines = tables.standing(summary, comparisons, "snapkv-tiered", ["h2o"], ["0.2"]).splitlines()
+    assert lines[2] == "| niah | aware | 20% | 30 | +0.004 | -2.600 / -2.500 (n=2) |"
+    assert tables.difference(comparisons, "niah", ref, h2o, "nll") == "-2.600 [-2.700, -2.500] (n=2)"
+    comparisons[1]["n"] = 10
+    assert tables.difference(comparisons, "niah", ref, h2o, "nll") == "**-2.600 [-2.700, -2.500]**"
