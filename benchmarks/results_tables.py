@@ -13,9 +13,9 @@ Usage:
 A configuration's paired difference is "reference minus it", in **bold**
 where the 95% interval excludes zero (marked * in the standing table). Only
 examples that both rows have are paired; ``n`` is a row's example count (in
-the standing table, the reference's). As in the bench's own report, fewer
-than MIN_PAIRED (10) paired examples decide nothing: such a difference is
-never bold and says how many it paired, ``(n=2)``.
+the standing table, the reference's). Bold and * follow the verdict of the
+bench's own report, so fewer than MIN_PAIRED (10) paired examples decide
+nothing: such a difference also says how many it paired, ``(n=2)``.
 """
 
 from __future__ import annotations
@@ -40,24 +40,34 @@ def load(folder: Path) -> tuple[list[dict], list[dict]]:
     return summary, comparisons
 
 
-def difference(comparisons: list[dict], task: str, a: str, b: str, measure: str) -> str:
-    """``a`` minus ``b`` on ``measure`` with its interval; bold where the report decided it (the interval
-    excludes zero over at least MIN_PAIRED examples); ``(n=K)`` after it when fewer were paired; '-' if
-    not compared."""
+def paired(comparisons: list[dict], task: str, a: str, b: str, measure: str) -> dict | None:
+    """The bench's comparison of ``a`` with ``b`` on ``measure``, as ``a`` minus ``b`` (negated where it
+    was stored the other way round); None if the two were not compared."""
     for c in comparisons:
         if c["task"] != task or c["measure"] != measure:
             continue
         if (c["a"], c["b"]) == (a, b):
-            mean, low, high = c["mean"], c["low"], c["high"]
-        elif (c["a"], c["b"]) == (b, a):
-            mean, low, high = -c["mean"], -c["high"], -c["low"]
-        else:
-            continue
-        text = f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
-        if c["n"] < MIN_PAIRED:
-            return f"{text} (n={c['n']})"
-        return f"**{text}**" if low > 0 or high < 0 else text
-    return "-"
+            return c
+        if (c["a"], c["b"]) == (b, a):
+            return {**c, "mean": -c["mean"], "low": -c["high"], "high": -c["low"]}
+    return None
+
+
+def decided(c: dict) -> bool:
+    """Whether the bench's report called a winner (its verdict: interval off zero, enough pairs)."""
+    return c["verdict"] != "tie"
+
+
+def difference(comparisons: list[dict], task: str, a: str, b: str, measure: str) -> str:
+    """``a`` minus ``b`` on ``measure`` with its interval; bold where the report decided it; ``(n=K)``
+    after it when fewer than MIN_PAIRED examples were paired; '-' if not compared."""
+    c = paired(comparisons, task, a, b, measure)
+    if c is None:
+        return "-"
+    text = f"{c['mean']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]"
+    if c["n"] < MIN_PAIRED:
+        return f"{text} (n={c['n']})"
+    return f"**{text}**" if decided(c) else text
 
 
 def interval(entry: dict, measure: str, digits: int = 3) -> str:
@@ -140,12 +150,15 @@ def standing(summary: list[dict], comparisons: list[dict], reference: str, again
     def cell(task: str, ref: str, other: str) -> str:
         if (task, other) not in configs:
             return "not run"
-        parts = []
+        parts, few = [], ""
         for measure in ("nll", "kl") if other != "full" else ("nll",):
-            text = difference(comparisons, task, ref, other, measure)
-            parts.append("-" if text == "-" else text.strip("*").partition(" ")[0] + ("*" if text[0] == "*" else ""))
-        few = difference(comparisons, task, ref, other, "nll").partition(" (n=")[2]
-        return " / ".join(parts) + (f" (n={few}" if few else "")
+            c = paired(comparisons, task, ref, other, measure)
+            if c is None:
+                parts.append("-")
+                continue
+            parts.append(f"{c['mean']:+.3f}" + ("*" if decided(c) else ""))
+            few = f" (n={c['n']})" if c["n"] < MIN_PAIRED else ""
+        return " / ".join(parts) + few
 
     out = [f"| task | setting | bytes | n | {reference} minus full: NLL | "
            + " | ".join(f"minus {m}: NLL / KL" for m in against) + " |",

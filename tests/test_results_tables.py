@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+from ctxpress.bench.stats import Interval, verdict
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "results_tables.py"
 
 
@@ -14,7 +16,10 @@ def load_script():
 
 
 def comparison(a, b, measure, mean, low, high, n=30):
-    return {"task": "niah", "a": a, "b": b, "measure": measure, "mean": mean, "low": low, "high": high, "n": n}
+    """An entry of comparisons.json, with the verdict the bench's report gives it."""
+    decision = verdict(Interval(mean, low, high, n), measure)
+    return {"task": "niah", "a": a, "b": b, "measure": measure, "mean": mean, "low": low, "high": high, "n": n,
+            "verdict": decision}
 
 
 def test_standing_marks_what_excludes_zero_and_what_was_not_run():
@@ -45,5 +50,5 @@ def test_too_few_pairs_decide_nothing_and_say_how_many():
     lines = tables.standing(summary, comparisons, "snapkv-tiered", ["h2o"], ["0.2"]).splitlines()
     assert lines[2] == "| niah | aware | 20% | 30 | +0.004 | -2.600 / -2.500 (n=2) |"
     assert tables.difference(comparisons, "niah", ref, h2o, "nll") == "-2.600 [-2.700, -2.500] (n=2)"
-    comparisons[1]["n"] = 10
+    comparisons[1] = comparison(ref, h2o, "nll", -2.6, -2.7, -2.5, n=10)
     assert tables.difference(comparisons, "niah", ref, h2o, "nll") == "**-2.600 [-2.700, -2.500]**"
