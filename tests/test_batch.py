@@ -117,11 +117,12 @@ def test_sigkill_mid_run_then_resume_writes_every_line_exactly_once(tmp_path, ti
     assert all("error" not in o and o["compressed_tokens"] > 0 for o in out)
 
 
-def test_a_ray_instance_started_here_runs_workers_at_the_drivers_priority():
+def test_a_ray_instance_started_here_runs_workers_at_the_drivers_priority(monkeypatch):
     """Ray's default niceness of 15 let any busy process starve the workers: ten times slower beside a bench."""
     ray = pytest.importorskip("ray")
     from ctxpress.batch import _init_ray
 
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a cluster named there keeps its own setting
     ray.shutdown()  # a fresh instance, not one an earlier test started
     _init_ray(None)
     try:
