@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -21,35 +22,45 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start(tiny_model_dir: str, *extra: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "ctxpress.cli", "serve", "--model", tiny_model_dir, "--port", str(port),
-           "--replicas", "2", "--threads", "1", *extra]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                            start_new_session=True), f"http://127.0.0.1:{port}"
+class Server:
+    """``ctxpress serve --replicas 2`` in a subprocess, its stderr collected by a thread (so the pipe never fills)."""
 
+    def __init__(self, tiny_model_dir: str, *extra: str) -> None:
+        port = free_port()
+        cmd = [sys.executable, "-m", "ctxpress.cli", "serve", "--model", tiny_model_dir, "--port", str(port),
+               "--replicas", "2", "--threads", "1", *extra]
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        self.base = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True,
+                                     start_new_session=True)
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True).start()
 
-def wait_until_up(proc: subprocess.Popen, base: str, httpx, seconds: float = 240) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"serve exited {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+    @property
+    def stderr(self) -> str:
+        return "".join(self.lines)[-2000:]
+
+    def wait_until_serving(self, seconds: float = 240) -> None:
+        """Until serve says every replica is up. Not the first 200 from /healthz: Serve's proxy answers as
+        soon as one replica runs, while the other may still be loading its model."""
+        deadline = time.time() + seconds
+        while time.time() < deadline:
+            if any("ctxpress: serving on" in line for line in self.lines):
                 return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    pytest.fail("two replicas did not start in time")
+            if self.proc.poll() is not None:
+                time.sleep(0.5)  # let the reader thread take the last lines
+                pytest.fail(f"serve exited {self.proc.returncode}: {self.stderr}")
+            time.sleep(0.5)
+        pytest.fail(f"two replicas did not start in time: {self.stderr}")
 
 
 def test_two_replicas_answer_behind_one_port_and_stop_cleanly(tiny_model_dir):
     pytest.importorskip("ray.serve")
     httpx = pytest.importorskip("httpx")
-    proc, base = start(tiny_model_dir)
+    server = Server(tiny_model_dir)
+    proc, base = server.proc, server.base
     try:
-        wait_until_up(proc, base, httpx)
+        server.wait_until_serving()
 
         def chat(i: int) -> httpx.Response:
             return httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
@@ -73,7 +84,7 @@ def test_two_replicas_answer_behind_one_port_and_stop_cleanly(tiny_model_dir):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             raise
-    assert proc.returncode == EXIT_INTERRUPTED, proc.stderr.read().decode()[-2000:]
+    assert proc.returncode == EXIT_INTERRUPTED, server.stderr
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
