@@ -72,8 +72,12 @@ test-oldest: $(UVBIN)
 	.venv-oldest/bin/python -m pip list --format=freeze | grep -i -E '^(torch|transformers|tokenizers|numpy)=='
 	.venv-oldest/bin/python -m pytest -q
 
+# uv keeps the versions the lock already has where they still satisfy pyproject.toml (so adding a
+# dependency moves nothing else); UPGRADE=name[,name] takes the newest of those packages, UPGRADE=all
+# of everything.
+LOCK_UPGRADE = $(if $(filter all,$(UPGRADE)),--upgrade,$(foreach p,$(subst $(comma), ,$(UPGRADE)),--upgrade-package $(p)))
 lock: $(UVBIN)
-	$(UVBIN) pip compile pyproject.toml $(UV_EXTRAS) \
+	$(UVBIN) pip compile pyproject.toml $(UV_EXTRAS) $(LOCK_UPGRADE) \
 	    --override requirements/torch-cpu.txt $(WHEELS) \
 	    --python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-annotate -o requirements.lock
 
