@@ -174,7 +174,8 @@ def standing(summary: list[dict], comparisons: list[dict], reference: str, again
                 out.append(f"| {task} | {setting} | {float(ratio):.0%} | {row['examples']} "
                            f"| {cell(task, ref, 'full')} | " + " | ".join(cells) + " |")
     out.append(f"\n{reference} minus the method, paired over the examples both have; * where the 95% bootstrap "
-               "interval excludes zero; negative: the reference has the lower NLL (or KL).")
+               f"interval excludes zero; fewer than {MIN_PAIRED} pairs, (n=K), decide nothing; negative: the "
+               "reference has the lower NLL (or KL).")
     return "\n".join(out)
 
 

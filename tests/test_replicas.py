@@ -34,7 +34,11 @@ class Server:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True,
                                      start_new_session=True)
         self.lines: list[str] = []
-        threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True).start()
+        threading.Thread(target=self._collect, daemon=True).start()
+
+    def _collect(self) -> None:
+        for line in self.proc.stderr:  # one line at a time, so a waiting test sees each as it comes
+            self.lines.append(line)
 
     @property
     def stderr(self) -> str:
