@@ -382,3 +382,15 @@ def test_a_new_method_is_one_class_and_one_registry_line(pc, text):
     with pytest.raises(InputError, match="weight must be positive"):
         options.build(registry, "method", "latest", {"weight": 0})
     assert "latest" not in METHODS
+
+
+def test_question_aware_attention(pc, text):
+    question = "Which numbers matter?"
+    aware = pc.compress(text, rate=0.4, method="dac-static", question=question, attention_from="question")
+    agnostic = pc.compress(text, rate=0.4, method="dac-static", question=question)
+    assert aware.compressed_tokens == agnostic.compressed_tokens
+    assert aware.kept_token_indices != agnostic.kept_token_indices
+    with pytest.raises(InputError, match="needs a question"):
+        pc.compress(text, rate=0.4, method="dac-static", attention_from="question")
+    with pytest.raises(InputError, match="attention_from must be"):
+        pc.compress(text, rate=0.4, method="dac-static", attention_from="answer")

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from ctxpress.attention import attention_implementation
 from ctxpress.signals import batched_signals, reference_signals, token_signals
 
 
@@ -56,3 +57,20 @@ def test_batched_signals_keeps_order_and_reports_progress(lm):
     for seq, sig in zip(seqs, out):
         torch.testing.assert_close(sig.attention, token_signals(lm.model, [seq])[0].attention,
                                    atol=1e-5, rtol=1e-4)
+
+
+def test_signals_from_the_last_rows_only(tiny_lm):
+    """``last_rows=q``: the attention each key gets from the last q query rows, by direct definition."""
+    torch.manual_seed(4)
+    ids = torch.randint(0, len(tiny_lm.tokenizer), (90,))
+    q = 12
+    got = token_signals(tiny_lm.model, [ids], last_rows=[q])[0]
+    with attention_implementation(tiny_lm.model, "eager"):
+        out = tiny_lm.model(ids[None], output_attentions=True, use_cache=False)
+    maps = torch.cat([a[0].float() for a in out.attentions])  # (layers*heads, n, n)
+    expected = maps[:, -q:, :].sum(dim=(0, 1)) / maps.shape[0]
+    torch.testing.assert_close(got.attention, expected.detach(), atol=1e-5, rtol=1e-4)
+    # batched with another sequence, each keeps its own rows
+    other = torch.randint(0, len(tiny_lm.tokenizer), (40,))
+    both = token_signals(tiny_lm.model, [other, ids], last_rows=[5, q])
+    torch.testing.assert_close(both[1].attention, got.attention, atol=1e-5, rtol=1e-4)

@@ -8,6 +8,7 @@ for paired intervals to separate methods (see :mod:`ctxpress.bench.stats`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from ..errors import InputError
@@ -135,56 +136,77 @@ class Profile:
         return changed
 
 
+def _quick() -> Profile:
+    """About a quarter of an hour: short contexts, three examples per task."""
+    return Profile(
+        "quick",
+        {"nq": (NQ(documents=4, gold_positions=(0, 3)), 3),
+         "niah": (NeedleInHaystack(lengths=(512, 768), depths=(0.3, 0.7)), 3),
+         "kv-retrieval": (KVRetrieval(pairs=6), 3)},
+        combos=(Config("dac", 0.5, "spindlekv", 0.5),),
+    )
+
+
+def _medium() -> Profile:
+    """About half an hour: 0.7-2k-token contexts, two KV ratios."""
+    return Profile(
+        "medium",
+        {"nq": (NQ(documents=7, gold_positions=(0, 3, 6)), 6),
+         "niah": (NeedleInHaystack(lengths=(1024, 2048), depths=(0.25, 0.75)), 4),
+         "kv-retrieval": (KVRetrieval(pairs=12), 4)},
+        kv_ratios=(0.5, 0.2),
+        combos=(Config("dac", 0.5, "spindlekv", 0.5), Config("dac", 0.5, "snapkv", 0.5)),
+    )
+
+
+def _standard() -> Profile:
+    """Many hours on a CPU; sized for a GPU or a larger machine."""
+    return Profile(
+        "standard",
+        {"nq": (NQ(documents=10, gold_positions=(0, 4, 9)), 24),
+         "niah": (NeedleInHaystack(lengths=(1024, 2048, 4096), depths=(0.1, 0.5, 0.9)), 9),
+         "kv-retrieval": (KVRetrieval(pairs=25), 12)},
+        prompt_rates=(0.5, 0.33),
+        kv_ratios=(0.5, 0.2, 0.1),
+        combos=(Config("dac", 0.5, "spindlekv", 0.5), Config("dac", 0.5, "snapkv", 0.5)),
+    )
+
+
+def _prompt() -> Profile:
+    """About two and a half hours: every prompt method at 2x and 3x on 100 NQ questions."""
+    return Profile(
+        "prompt",
+        {"nq": (NQ(documents=5, gold_positions=(0, 2, 4)), 100),
+         "niah": (NeedleInHaystack(lengths=(768,), depths=(0.1, 0.3, 0.5, 0.7, 0.9)), 30),
+         "kv-retrieval": (KVRetrieval(pairs=8), 30)},
+        prompt_rates=(0.5, 0.33), kv_methods=(),
+    )
+
+
+def _kv() -> Profile:
+    """Many hours on this CPU: every press at three ratios, question-agnostic and -aware."""
+    return Profile(
+        "kv",
+        {"niah": (NeedleInHaystack(lengths=(1024, 2048, 4096), depths=(0.1, 0.3, 0.5, 0.7, 0.9)), 30),
+         "kv-retrieval": (KVRetrieval(pairs=25), 30),
+         "nq": (NQ(documents=5, gold_positions=(0, 2, 4)), 100),
+         # Generated tasks are kept only where the uncompressed embedded model scores well enough to
+         # show a loss (10 dev examples, full context): niah-multikey with 2 needles 0.60 (with 4: 0.20);
+         # variable-tracking (0.10) and common-words (0.10) are left out (docs/benchmarks.md).
+         "niah-multikey": (MultiKeyNeedle(lengths=(1024, 2048), needles=2), 30)},
+        prompt_methods=(), kv_ratios=(0.5, 0.2, 0.1), kv_settings=KV_SETTINGS,
+    )
+
+
+# Every named grid, built on demand (each call gets a fresh Profile). Times are for the embedded
+# model in fp32 on two CPU cores.
+PROFILES: dict[str, Callable[[], Profile]] = {
+    "quick": _quick, "medium": _medium, "standard": _standard, "prompt": _prompt, "kv": _kv,
+}
+
+
 def profile(name: str) -> Profile:
-    """The named grid. Times are for the embedded model in fp32 on two CPU cores."""
-    if name == "quick":  # about a quarter of an hour: short contexts, three examples per task
-        return Profile(
-            "quick",
-            {"nq": (NQ(documents=4, gold_positions=(0, 3)), 3),
-             "niah": (NeedleInHaystack(lengths=(512, 768), depths=(0.3, 0.7)), 3),
-             "kv-retrieval": (KVRetrieval(pairs=6), 3)},
-            combos=(Config("dac", 0.5, "spindlekv", 0.5),),
-        )
-    if name == "medium":  # about half an hour: 0.7-2k-token contexts, two KV ratios
-        return Profile(
-            "medium",
-            {"nq": (NQ(documents=7, gold_positions=(0, 3, 6)), 6),
-             "niah": (NeedleInHaystack(lengths=(1024, 2048), depths=(0.25, 0.75)), 4),
-             "kv-retrieval": (KVRetrieval(pairs=12), 4)},
-            kv_ratios=(0.5, 0.2),
-            combos=(Config("dac", 0.5, "spindlekv", 0.5), Config("dac", 0.5, "snapkv", 0.5)),
-        )
-    if name == "standard":  # many hours on a CPU; sized for a GPU or a larger machine
-        return Profile(
-            "standard",
-            {"nq": (NQ(documents=10, gold_positions=(0, 4, 9)), 24),
-             "niah": (NeedleInHaystack(lengths=(1024, 2048, 4096), depths=(0.1, 0.5, 0.9)), 9),
-             "kv-retrieval": (KVRetrieval(pairs=25), 12)},
-            prompt_rates=(0.5, 0.33),
-            kv_ratios=(0.5, 0.2, 0.1),
-            combos=(Config("dac", 0.5, "spindlekv", 0.5), Config("dac", 0.5, "snapkv", 0.5)),
-        )
-    if name == "prompt":  # about two and a half hours: every prompt method at 2x and 3x on 100 NQ questions
-        return Profile(
-            "prompt",
-            {"nq": (NQ(documents=5, gold_positions=(0, 2, 4)), 100),
-             "niah": (NeedleInHaystack(lengths=(768,), depths=(0.1, 0.3, 0.5, 0.7, 0.9)), 30),
-             "kv-retrieval": (KVRetrieval(pairs=8), 30)},
-            prompt_rates=(0.5, 0.33), kv_methods=(),
-        )
-    if name == "kv":  # many hours on this CPU: every press at three ratios, question-agnostic and -aware
-        return Profile(
-            "kv",
-            {"niah": (NeedleInHaystack(lengths=(1024, 2048, 4096), depths=(0.1, 0.3, 0.5, 0.7, 0.9)), 30),
-             "kv-retrieval": (KVRetrieval(pairs=25), 30),
-             "nq": (NQ(documents=5, gold_positions=(0, 2, 4)), 100),
-             # Generated tasks are kept only where the uncompressed embedded model scores well enough to
-             # show a loss (10 dev examples, full context): niah-multikey with 2 needles 0.60 (with 4: 0.20);
-             # variable-tracking (0.10) and common-words (0.10) are left out (README, "Quality").
-             "niah-multikey": (MultiKeyNeedle(lengths=(1024, 2048), needles=2), 30)},
-            prompt_methods=(), kv_ratios=(0.5, 0.2, 0.1), kv_settings=KV_SETTINGS,
-        )
-    raise InputError(f"unknown profile '{name}' (choose from: {', '.join(PROFILES)})")
-
-
-PROFILES = ("quick", "medium", "standard", "prompt", "kv")
+    """The named grid (:data:`PROFILES`)."""
+    if name not in PROFILES:
+        raise InputError(f"unknown profile '{name}' (choose from: {', '.join(PROFILES)})")
+    return PROFILES[name]()

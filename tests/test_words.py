@@ -1,16 +1,13 @@
-"""Whole-word units and question-aware scoring, on the tiny model."""
+"""Whole-word, phrase and line-break units: the rules, and the compressor keeping units whole (tiny model)."""
 
 from itertools import pairwise
 
 import numpy as np
 import pytest
-import torch
 
-from ctxpress.attention import attention_implementation
 from ctxpress.errors import InputError
 from ctxpress.prompt import METHODS, PromptCompressor
 from ctxpress.prompt.tokens import tokenize_context, unit_texts
-from ctxpress.signals import token_signals
 from ctxpress.words import MAX_PHRASE_WORDS, MAX_WORD_TOKENS, decode_ids, line_breaks, phrase_starts, word_starts
 
 
@@ -154,32 +151,3 @@ def test_unit_score_max_differs_from_mean(pc, text):
     top = pc.compress(text, rate=0.4, method="dac-static", unit="word", unit_score="max")
     assert mean.kept_token_indices != top.kept_token_indices
     assert top.settings["unit_score"] == "max" and mean.settings["unit"] == "word"
-
-
-def test_signals_from_the_last_rows_only(tiny_lm):
-    """``last_rows=q``: the attention each key gets from the last q query rows, by direct definition."""
-    torch.manual_seed(4)
-    ids = torch.randint(0, len(tiny_lm.tokenizer), (90,))
-    q = 12
-    got = token_signals(tiny_lm.model, [ids], last_rows=[q])[0]
-    with attention_implementation(tiny_lm.model, "eager"):
-        out = tiny_lm.model(ids[None], output_attentions=True, use_cache=False)
-    maps = torch.cat([a[0].float() for a in out.attentions])  # (layers*heads, n, n)
-    expected = maps[:, -q:, :].sum(dim=(0, 1)) / maps.shape[0]
-    torch.testing.assert_close(got.attention, expected.detach(), atol=1e-5, rtol=1e-4)
-    # batched with another sequence, each keeps its own rows
-    other = torch.randint(0, len(tiny_lm.tokenizer), (40,))
-    both = token_signals(tiny_lm.model, [other, ids], last_rows=[5, q])
-    torch.testing.assert_close(both[1].attention, got.attention, atol=1e-5, rtol=1e-4)
-
-
-def test_question_aware_attention(pc, text):
-    question = "Which numbers matter?"
-    aware = pc.compress(text, rate=0.4, method="dac-static", question=question, attention_from="question")
-    agnostic = pc.compress(text, rate=0.4, method="dac-static", question=question)
-    assert aware.compressed_tokens == agnostic.compressed_tokens
-    assert aware.kept_token_indices != agnostic.kept_token_indices
-    with pytest.raises(InputError, match="needs a question"):
-        pc.compress(text, rate=0.4, method="dac-static", attention_from="question")
-    with pytest.raises(InputError, match="attention_from must be"):
-        pc.compress(text, rate=0.4, method="dac-static", attention_from="answer")
