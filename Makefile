@@ -5,6 +5,7 @@
 #   make test-latest   the suite on the newest versions pyproject.toml allows
 #   make test-oldest   the suite on the lowest versions it claims (lower bounds)
 #   make lock          regenerate requirements.lock after changing pyproject.toml
+#   make docs          regenerate the results tables in docs/ from the committed bench rows
 #
 # The lock pins the CPU build of torch (torch==2.13.0+cpu). Where no local
 # wheel of it exists, let pip find it on PyTorch's CPU index:
@@ -28,7 +29,7 @@ UV_EXTRAS := $(foreach e,$(subst $(comma), ,$(EXTRAS)),--extra $(e))
 pip        = $(1)/bin/python -m pip --disable-pip-version-check $(PIP_EXTRA)
 UVBIN     := .venv-uv/bin/uv
 
-.PHONY: setup demo test test-properties test-latest test-oldest lock lint bench-dac bench-kv bench-quick clean
+.PHONY: setup demo test test-properties test-latest test-oldest lock lint docs bench-dac bench-kv bench-quick clean
 
 $(STAMP): pyproject.toml requirements.lock Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +52,11 @@ test-properties: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# The tables under docs/results/ and the README's standing table, from the committed bench rows
+# (no model runs); tests/test_docs_pages.py fails until they match.
+docs: $(STAMP)
+	$(BIN)/python benchmarks/docs_pages.py
 
 # A fresh environment each time, so a release that appeared today is tested today.
 # torch stays the CPU build of the lock: newer wheels on PyPI are CUDA builds of several GB.
