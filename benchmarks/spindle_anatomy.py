@@ -41,7 +41,7 @@ from common import data_dir, markdown_table
 
 def recording_press(ratio: float, options: dict):
     """SpindleKV that remembers, per layer, the plan it calibrated and the tokens per head it chose."""
-    from ctxpress.kv.spindle import SpindleKV
+    from ctxpress.kv import SpindleKV
 
     class Recorded(SpindleKV):
         def calibrate(self, plans, n):

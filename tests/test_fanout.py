@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from ctxpress.kv import CompressedContext, build_press
+from ctxpress.kv import FULL, CompressedContext, build_press
 from ctxpress.kv.fanout import SharedPrefill, prefill_needs
 
 from conftest import N
 
 GROUPS = [  # presses that need the same from a prefill: no words; words; attention column sums
-    [("full", {}), ("streaming", {"ratio": 0.3}), ("snapkv", {"ratio": 0.3}), ("pyramidkv", {"ratio": 0.2}),
+    [(FULL, {}), ("streaming", {"ratio": 0.3}), ("snapkv", {"ratio": 0.3}), ("pyramidkv", {"ratio": 0.2}),
      ("spindlekv", {"ratio": 0.3}), ("quantized", {"bits": 4})],
     [("snapkv-words", {"ratio": 0.3}), ("snapkv-tiered", {"ratio": 0.2}), ("spindlekv-words", {"ratio": 0.3})],
     [("h2o", {"ratio": 0.3}), ("h2o", {"ratio": 0.1})],  # the bench's case: one press at several ratios
@@ -29,7 +29,7 @@ def test_each_press_gets_the_cache_of_its_own_prefill(tiny_lm, group):
         alone = CompressedContext(tiny_lm, prefix, build_press(name, **options))
         assert context.press.name == name
         assert context.cache_bytes == alone.cache_bytes and context.full_cache_bytes == alone.full_cache_bytes
-        if name != "full":
+        if name != FULL:
             assert context.cache_bytes < context.full_cache_bytes
         for mine, theirs in zip(context.cache.layers, alone.cache.layers):
             for a, b in zip(mine.store.materialize() if mine.store else (mine.keys, mine.values),

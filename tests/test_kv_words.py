@@ -18,9 +18,9 @@ from ctxpress.kv import (
     build_press,
     press_with_budget,
 )
-from ctxpress.kv.lowbit import QuantizedStore
 from ctxpress.kv.scores import by_unit
-from ctxpress.kv.store import DenseColumns
+from ctxpress.kv.stores.dense import DenseColumns
+from ctxpress.kv.stores.quantized import QuantizedStore
 from ctxpress.words import token_words
 
 from conftest import N, reference_layers

@@ -9,6 +9,7 @@ from ctxpress.compat import with_cache
 from ctxpress.errors import InputError
 from ctxpress.kv import (
     DEFAULT_RATIO,
+    FULL,
     H2O,
     PRESSES,
     KVPress,
@@ -20,7 +21,7 @@ from ctxpress.kv import (
     press_with_budget,
 )
 from ctxpress.kv.budget import pyramid_keep
-from ctxpress.kv.store import ROOM, DenseStore
+from ctxpress.kv.stores.dense import ROOM, DenseStore
 
 from conftest import N, compressed, greedy, reference_layers
 
@@ -34,7 +35,7 @@ def test_full_matches_plain_generate(lm, prompt):
     assert cache.nbytes() == cache.dense_nbytes()
 
 
-HOOKABLE = [n for n in PRESSES if n != "full" and build_press(n, ratio=0.3).needs_words() is None]
+HOOKABLE = [n for n in PRESSES if n != FULL and build_press(n, ratio=0.3).needs_words() is None]
 
 
 @pytest.mark.parametrize("name", HOOKABLE)
@@ -312,7 +313,7 @@ def test_press_with_budget_defaults_and_refusals():
     assert press_with_budget("h2o", options={"ratio": 0.4}).ratio == 0.4
     codebook_only = press_with_budget("spindlekv", options={"evict": False})
     assert codebook_only.ratio is None and codebook_only.evict is False
-    for name, kwargs, match in [("full", {"ratio": 0.5}, "takes no budget"),
+    for name, kwargs, match in [(FULL, {"ratio": 0.5}, "takes no budget"),
                                 ("spindlekv", {"tokens": 9, "options": {"evict": False}}, "with evict=false"),
                                 ("snapkv", {"ratio": 0.5, "options": {"ratio": 0.3}}, "given twice")]:
         with pytest.raises(InputError, match=match):

@@ -6,15 +6,8 @@ import torch
 from ctxpress.compat import with_cache
 from ctxpress.errors import InputError
 from ctxpress.kv import PRESSES, QuantizedKV, build_press, press_with_budget
-from ctxpress.kv.lowbit import (
-    Quantized,
-    QuantizedColumns,
-    QuantizedStore,
-    _pack,
-    _unpack,
-    quantized_nbytes,
-    quantized_part_nbytes,
-)
+from ctxpress.kv.stores.quantized import Quantized, QuantizedColumns, QuantizedStore, _pack, _unpack
+from ctxpress.kv.stores.tiered import TieredStore
 
 from conftest import N, compressed, greedy, reference_layers
 
@@ -50,8 +43,6 @@ def test_stores_decode_into_slices_as_the_formula_says(bits):
     """Several chunks and a tail, batch 2, written into a strided slice of a larger tensor: each chunk
     is code * step + minimum with its group's statistics, the tail as it is; a tiered store puts the
     rest first."""
-    from ctxpress.kv.lowbit import TieredStore
-
     torch.manual_seed(bits)
     keys, values = torch.randn(2, 3, 45, 16), torch.randn(2, 3, 45, 16)
     store = QuantizedStore(keys[..., :37, :], values[..., :37, :], bits, group=8)
@@ -90,7 +81,7 @@ def test_store_counts_its_bytes_and_decodes_through_the_tail(tiny_lm, prompt, bi
     for layer, (keys, values) in zip(cache.layers, dense):
         store = layer.store
         assert isinstance(store, QuantizedStore) and len(store) == N
-        assert store.nbytes() == quantized_nbytes(b, h, n, d, bits, 32)
+        assert store.nbytes() == QuantizedStore.nbytes_for(b, h, n, d, bits, 32)
         for got, want in zip(store.materialize(), (keys, values)):  # within a step of the group's range
             assert float((got - want).abs().amax()) <= 2 * float(want.abs().amax()) / (2**bits - 1) + 1e-3
     assert cache.nbytes() < (bits / 32 + 0.05) * cache.dense_nbytes()
@@ -134,8 +125,6 @@ def test_rest_bits_demote_instead_of_evicting(tiny_lm, prompt, bits, ratio):
     """Every token stays; the ones eviction would keep are in ``bits`` (dense when None) and the others
     in ``rest_bits``; the bytes fit the ratio, and generated tokens join the kept part, last."""
     from ctxpress.kv import SnapKV
-    from ctxpress.kv.lowbit import TieredStore
-
     evicting = compressed(tiny_lm.model, SnapKV(ratio=ratio, bits=bits, rest_bits=None), prompt)
     tiered = compressed(tiny_lm.model, SnapKV(ratio=ratio, bits=bits, rest_bits=2), prompt)
     assert tiered.nbytes() <= ratio * tiered.dense_nbytes()
@@ -193,7 +182,6 @@ def test_snapkv_tiered_takes_its_precisions_from_the_ratio(ratio, tiers):
 
 def test_snapkv_tiered_keeps_every_token_within_its_bytes(tiny_lm, prompt):
     from ctxpress.kv import SnapKVTiered
-    from ctxpress.kv.lowbit import TieredStore
     from ctxpress.words import token_words
 
     cache = SnapKVTiered(ratio=0.3).cache(tiny_lm.model, token_words(tiny_lm.tokenizer, prompt[0].tolist()))
@@ -210,7 +198,7 @@ def test_quantized_columns_count_bytes_and_quantize_full_groups_of_new_columns(p
     data = torch.randn(2, 21, 16)
     part = QuantizedColumns(data, bits=4, group=8, per_channel=per_channel)
     assert len(part) == 21 and part.width == 16
-    assert part.nbytes() == quantized_part_nbytes(2, 21, 16, 4, 8, per_channel)
+    assert part.nbytes() == QuantizedColumns.nbytes_for(2, 21, 16, 4, 8, per_channel)
     assert torch.equal(part.materialize(), Quantized.of(data, 4, dim=-2 if per_channel else -1,
                                                         group=8 if per_channel else None).values(4, data.dtype))
     new = torch.randn(2, 11, 16)

@@ -10,11 +10,18 @@ from ctxpress.kv import (
     SnapKV,
     SpindleKV,
 )
-from ctxpress.kv.lowbit import QuantizedColumns
+from ctxpress.kv.presses.spindle_plan import LayerPlan
 from ctxpress.kv.rope import deinterleave, rotary_module
 from ctxpress.kv.scores import pooled_ranks
-from ctxpress.kv.spindle import LayerPlan
-from ctxpress.kv.store import ROOM, CodedColumns, CodedKeys, DenseColumns, DenseStore, HeadwiseStore
+from ctxpress.kv.stores import (
+    ROOM,
+    CodedColumns,
+    CodedKeys,
+    DenseColumns,
+    DenseStore,
+    HeadwiseStore,
+    QuantizedColumns,
+)
 
 from conftest import N, compressed, greedy, reference_layers
 

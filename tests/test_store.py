@@ -1,11 +1,22 @@
-"""Stores on their own: coded and dense columns, and the per-head visibility mask."""
+"""Stores on their own: coded and dense columns, the per-head visibility mask, and predicted bytes."""
 
-
+import pytest
 import torch
 
 from ctxpress.attention import bottom_right_attention
 from ctxpress.kv import codebook as cb
-from ctxpress.kv.store import ROOM, CodedColumns, DenseColumns
+from ctxpress.kv.stores import (
+    ROOM,
+    CodedColumns,
+    CodedKeys,
+    DenseColumns,
+    DenseStore,
+    HeadwiseStore,
+    QuantizedColumns,
+    QuantizedStore,
+    TieredStore,
+)
+from ctxpress.kv.stores.coded import GROUP_TAG, POSITION, index_dtype
 
 
 def test_coded_columns_match_or_get_new_entries():
@@ -58,3 +69,47 @@ def test_visible_mask_equals_attending_to_each_heads_own_tokens():
         weights = (query[0, h] @ k.T * 0.3).masked_fill(
             torch.arange(len(own))[None, :] > torch.arange(3)[:, None] + len(own) - 3, float("-inf")).softmax(-1)
         torch.testing.assert_close(out[0, :, h], weights @ v)
+
+
+def coded_part(cls, kv_heads: int, columns: int, entries: int, dim: int, dtype: torch.dtype):
+    """A coded part as SpindleKV builds one: ``entries`` entries over the groups, one index per column."""
+    book = torch.nn.functional.normalize(torch.randn(entries, dim), dim=-1).to(dtype)
+    tags = (torch.arange(entries) % kv_heads).to(GROUP_TAG)
+    index = torch.randint(0, entries, (kv_heads, columns)).to(index_dtype(entries))
+    magnitude = torch.rand(kv_heads, columns).to(dtype)
+    if cls is CodedKeys:
+        positions = torch.arange(columns, dtype=POSITION).expand(kv_heads, columns)
+        return CodedKeys(book, tags, index, magnitude, 0.9, 64, positions=positions, rotary=None)
+    return CodedColumns(book, tags, index, magnitude, 0.9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,kv_heads,n,dim", [(1, 2, 37, 16), (2, 3, 64, 8), (1, 1, 1, 32)])
+def test_each_store_predicts_its_bytes(dtype, batch, kv_heads, n, dim):
+    """``nbytes_for`` of every store and part equals ``nbytes()`` of a fresh one: presses size their
+    budgets by it, so a byte ratio is met exactly."""
+    torch.manual_seed(n)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    keys, values = torch.randn(batch, kv_heads, n, dim).to(dtype), torch.randn(batch, kv_heads, n, dim).to(dtype)
+    dense = DenseStore(keys, values)
+    assert dense.nbytes() == DenseStore.nbytes_for(batch, kv_heads, n, dim, itemsize)
+    rows = batch * kv_heads
+    assert DenseColumns(keys).nbytes() == DenseColumns.nbytes_for(rows, n, dim, itemsize)
+    for bits in (8, 4, 2):
+        for group in (1, 8, 64):
+            for per_channel in (True, False):
+                part = QuantizedColumns(keys, bits, group, per_channel)
+                assert part.nbytes() == QuantizedColumns.nbytes_for(rows, n, dim, bits, group, per_channel)
+            store = QuantizedStore(keys, values, bits, group)
+            assert store.nbytes() == QuantizedStore.nbytes_for(batch, kv_heads, n, dim, bits, group)
+            tiered = TieredStore(dense, store)
+            assert tiered.nbytes() == TieredStore.nbytes_for(dense.nbytes(), store.nbytes())
+    for entries in (1, 5, 40):
+        for cls in (CodedColumns, CodedKeys):
+            part = coded_part(cls, kv_heads, n, entries, dim, dtype)
+            assert part.nbytes() == cls.nbytes_for(entries, kv_heads * n, dim, itemsize)
+    selectors = 2 * kv_heads
+    visible = torch.rand(selectors, n) < 0.5
+    key_part, value_part = coded_part(CodedKeys, kv_heads, n, 7, dim, dtype), DenseColumns(values[0])
+    headwise = HeadwiseStore(key_part, value_part, visible)
+    assert headwise.nbytes() == HeadwiseStore.nbytes_for(selectors, n, key_part.nbytes(), value_part.nbytes())

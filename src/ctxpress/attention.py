@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Protocol
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -30,10 +31,23 @@ ATTN_IMPLEMENTATION = "ctxpress"
 # returns the attention output as (b, q, heads, d), like transformers kernels.
 Probe = Callable[..., torch.Tensor]
 
+
+class AttendingLayer(Protocol):
+    """A cache layer that computes its own attention (a compressed cache layer, :mod:`ctxpress.kv.cache`)."""
+
+    layer_idx: int
+
+    def attend(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        """Attention output (b, q, heads, d) of the call that follows the layer's ``update``: arguments as
+        a :data:`Probe` gets them, ``key`` and ``value`` being what that ``update`` returned."""
+        ...
+
+
 _ACTIVE_PROBE: ContextVar[Probe | None] = ContextVar("ctxpress_probe", default=None)
 # A cache layer that wants to compute the attention of the call that follows
 # its update (set in the layer's ``update``, taken by the next attention call).
-_CLAIMING_LAYER: ContextVar[object | None] = ContextVar("ctxpress_claiming_layer", default=None)
+_CLAIMING_LAYER: ContextVar[AttendingLayer | None] = ContextVar("ctxpress_claiming_layer", default=None)
 _REGISTERED = False
 # SDPA's backends on CUDA, cuDNN's left out: it builds an execution plan for every new key length,
 # and each decoding step (or each layer of a compressed cache, whose lengths differ) brings one. On an
@@ -42,8 +56,8 @@ _REGISTERED = False
 _CUDA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def claim_next_attention(layer: object) -> None:
-    """Route the next attention call to ``layer.attend(module, q, k, v, mask, scaling)``.
+def claim_next_attention(layer: AttendingLayer) -> None:
+    """Route the next attention call, if it is the same layer's, to ``layer.attend``.
 
     transformers calls a cache layer's ``update`` right before the attention
     function of the same layer; a compressed cache layer uses this to take
@@ -71,7 +85,8 @@ def _attend(module, query, key, value, attention_mask, scaling, dropout, **kwarg
     layer = _CLAIMING_LAYER.get()
     if layer is not None:
         _CLAIMING_LAYER.set(None)
-        if getattr(layer, "layer_idx", None) == getattr(module, "layer_idx", None):
+        # the module is the model's, typed by no one here: not every attention module has a layer index
+        if layer.layer_idx == getattr(module, "layer_idx", None):
             return layer.attend(module, query, key, value, attention_mask, scaling), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 

@@ -1,14 +1,48 @@
-"""How many tokens each layer keeps.
+"""How many tokens each layer keeps, and the one search that fits a budget.
 
 Budgets are per layer and per head: every query head (or KV head) of a layer
 keeps the same number of tokens, so a layer stays a rectangular tensor. The
 observation window (the last ``window`` prompt tokens) is always kept and
 counts towards the budget.
+
+A byte ``ratio`` is met the same way by every press: the press supplies the
+exact cost of a candidate (bytes its stores would hold, asked of the stores
+themselves), and :func:`largest_fitting` (a number of tokens) or
+:func:`first_fitting` (one of a few options, such as bit widths) picks the
+candidate that fits.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def largest_fitting(cost: Callable[[int], float], lo: int, hi: int, target: float, *,
+                    top_first: bool = False) -> int | None:
+    """The largest ``x`` in ``[lo, hi]`` with ``cost(x) <= target``, by bisection; None if ``lo`` does not fit.
+
+    Costs of stored selections are nearly but not exactly monotone (quantization groups and codebook
+    layouts change in steps), so the answer is where the bisection lands, which callers rely on being
+    reproducible: the probes are always ``lo``, then (with ``top_first``) ``hi``, then the upper
+    midpoints. ``top_first`` takes ``hi`` at once when it fits, for a range whose top often does.
+    """
+    if cost(lo) > target:
+        return None
+    if top_first and cost(hi) <= target:
+        return hi
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(mid) <= target else (lo, mid - 1)
+    return lo
+
+
+def first_fitting(cost: Callable[[T], float], choices: Iterable[T], target: float) -> T | None:
+    """The first of ``choices`` (the preferred first) with ``cost(choice) <= target``; None if none fits."""
+    return next((choice for choice in choices if cost(choice) <= target), None)
 
 
 def uniform_keep(n_tokens: int, keep_ratio: float, layers: int) -> list[int]:

@@ -47,7 +47,11 @@ class PressState:
 
 
 class CompressedLayer(DynamicLayer):
-    """One layer of a KV cache that a press compresses after prefill."""
+    """One layer of a KV cache that a press compresses after prefill.
+
+    A :class:`~ctxpress.kv.contracts.PrefilledLayer` to its press and an
+    :class:`~ctxpress.attention.AttendingLayer` to the attention function.
+    """
 
     def __init__(self, state: PressState, layer_idx: int) -> None:
         super().__init__()

@@ -4,30 +4,38 @@ Everything a new KV method must provide is in this module.
 
 Calls go one way::
 
+    Press.cache(model), or ``with press(model):``   a CompressedCache (cache.py); the
+                                                     context manager's hooks are hooks.py's
     CompressedLayer (cache.py, the machinery)
+        claims its layer's attention call          (an AttendingLayer of ctxpress.attention)
         during the first prefill, at every layer:  Press.score(...)
         after the last layer has been scored:       Press.compress(layers, model)   (once)
-    Press (presses.py, spindle.py: pure policy)
+    Press (presses/, one policy per module)
+        sizes a byte ratio by budget.py's search over what its stores would hold
+        (each store's ``nbytes_for``, stores/)
         for each layer it compresses:               layer.compress_to(store)
-    Store (store.py: a layout of the kept tensors)
+    Store (stores/, one layout per module)
         from then on the layer delegates appends, attention, bytes and beam reordering to it.
 
 A press never computes attention, checks masks or times itself; the layer
 does, and imports only this module. A press that stores tensors differently
 writes a new :class:`Store`; one that keeps tokens differently overrides
 :meth:`Press.score` and :meth:`Press.compress` (most eviction presses only
-``score``: see :class:`ctxpress.kv.presses.EvictionPress`).
+``score``: see :class:`ctxpress.kv.presses.eviction.EvictionPress`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
 
 from ..attention import bottom_right_attention
+
+if TYPE_CHECKING:
+    from .cache import CompressedCache
 
 
 class Store(ABC):
@@ -108,6 +116,8 @@ class Press(ABC):
 
     Presses are dataclasses whose fields are their options (see
     :mod:`ctxpress.options`); a bad option is refused when the press is made.
+    The registry, generation and the shared prefill use a press through this
+    class alone.
     """
 
     name: ClassVar[str]
@@ -128,6 +138,18 @@ class Press(ABC):
         token ids, must then give the word of every prompt token, ``token_words(tokenizer, ids, punctuation)``
         with the returned ``punctuation`` (:func:`ctxpress.words.token_words`)."""
         return None
+
+    @abstractmethod
+    def cache(self, model: torch.nn.Module, units: torch.Tensor | None = None) -> CompressedCache:
+        """A cache that this press compresses after its first prefill (most presses:
+        ``ctxpress.kv.cache.compressed_cache(self, model, units)``).
+
+        ``units``: the word of every prompt token, given when :meth:`needs_words` is not None.
+        """
+
+    @abstractmethod
+    def settings(self) -> dict:
+        """The options as set (None left out), for results and reports."""
 
     @abstractmethod
     def score(self, query: torch.Tensor, key: torch.Tensor, scaling: float,

@@ -66,6 +66,10 @@ class SharedPrefill(Press):
     def needs_words(self) -> str | None:
         return self.presses[0].needs_words()
 
+    def settings(self) -> dict:
+        """No options of its own: each press it holds reports its own."""
+        return {}
+
     def cache(self, model: torch.nn.Module, units: torch.Tensor | None = None) -> CompressedCache:
         """The cache the shared prefill runs through (it stays dense)."""
         return compressed_cache(self, model, units)

@@ -23,9 +23,9 @@ from ..memory import PeakMemory
 from ..models import LoadedModel
 from ..words import token_words
 from .cache import CompressedCache
+from .contracts import Press
 from .fanout import SharedPrefill
-from .presses import KVPress
-from .registry import build_press
+from .registry import FULL, build_press
 
 
 @dataclass
@@ -80,7 +80,7 @@ class CompressedContext:
     one compression serves any number of questions.
     """
 
-    def __init__(self, lm: LoadedModel, prefix_ids: torch.Tensor, press: KVPress | SharedPrefill) -> None:
+    def __init__(self, lm: LoadedModel, prefix_ids: torch.Tensor, press: Press) -> None:
         self.lm, self.press = lm, press
         self.prefix_ids = prefix_ids.to(lm.device)
         punctuation = press.needs_words()
@@ -102,7 +102,7 @@ class CompressedContext:
 
     @classmethod
     def sharing_prefill(cls, lm: LoadedModel, prefix_ids: torch.Tensor,
-                        presses: Sequence[KVPress]) -> Iterator[CompressedContext]:
+                        presses: Sequence[Press]) -> Iterator[CompressedContext]:
         """One context per press, in order, all from one prefill of ``prefix_ids``: each holds the cache
         its press builds from a prefill of its own (see :mod:`ctxpress.kv.fanout`), compressed when the
         iterator reaches it; ``prefill_seconds`` is the shared pass's. The presses must need the same
@@ -148,7 +148,7 @@ def answer_questions(
     lm: LoadedModel,
     context: str,
     questions: Sequence[str],
-    press: KVPress | str = "full",
+    press: Press | str = FULL,
     *,
     max_new_tokens: int = 64,
     min_new_tokens: int = 0,

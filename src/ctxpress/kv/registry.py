@@ -4,35 +4,39 @@ from __future__ import annotations
 
 from ..errors import InputError
 from ..options import build
-from .presses import H2O, KVPress, PyramidKV, SnapKV, SnapKVWords, StreamingLLM
-from .quantized import QuantizedKV
-from .spindle import SpindleKV, SpindleKVWords
-from .tiered import SnapKVTiered
+from .contracts import Press
+from .presses import (
+    H2O,
+    KVPress,
+    PyramidKV,
+    QuantizedKV,
+    SnapKV,
+    SnapKVTiered,
+    SnapKVWords,
+    SpindleKV,
+    SpindleKVWords,
+    StreamingLLM,
+)
 
-PRESSES: dict[str, type[KVPress]] = {
-    "full": KVPress,
-    "streaming": StreamingLLM,
-    "h2o": H2O,
-    "snapkv": SnapKV,
-    "snapkv-words": SnapKVWords,
-    "snapkv-tiered": SnapKVTiered,
-    "pyramidkv": PyramidKV,
-    "spindlekv": SpindleKV,
-    "spindlekv-words": SpindleKVWords,
-    "quantized": QuantizedKV,
+FULL = KVPress.name  # no compression: the reference every press is compared with
+
+PRESSES: dict[str, type[Press]] = {
+    press.name: press
+    for press in (KVPress, StreamingLLM, H2O, SnapKV, SnapKVWords, SnapKVTiered, PyramidKV, SpindleKV,
+                  SpindleKVWords, QuantizedKV)
 }
 
-DEFAULT_METHOD = "snapkv-words"  # of the command line and the server (docs/results/kv-words-dev)
+DEFAULT_METHOD = SnapKVWords.name  # of the command line and the server (docs/results/kv-words-dev)
 DEFAULT_RATIO = 0.2  # what the command line and the server use when a press needs a budget and none is given
 
 
-def build_press(name: str, **options) -> KVPress:
+def build_press(name: str, **options) -> Press:
     """The press ``name`` configured with ``options`` (ratio, tokens, window, ...)."""
     return build(PRESSES, "KV method", name, options)
 
 
 def press_with_budget(name: str, ratio: float | None = None, tokens: int | None = None,
-                      options: dict | None = None) -> KVPress:
+                      options: dict | None = None) -> Press:
     """``build_press`` for user-facing entry points: a press that needs a budget gets
     ``DEFAULT_RATIO`` when none is given; one that keeps every token (``full``, or
     ``spindlekv`` with ``evict=False``) refuses a budget instead of ignoring it.
@@ -49,4 +53,4 @@ def press_with_budget(name: str, ratio: float | None = None, tokens: int | None 
     return build_press(name, **budget, **options)
 
 
-__all__ = ["DEFAULT_METHOD", "DEFAULT_RATIO", "PRESSES", "build_press", "press_with_budget"]
+__all__ = ["DEFAULT_METHOD", "DEFAULT_RATIO", "FULL", "PRESSES", "build_press", "press_with_budget"]

@@ -20,22 +20,23 @@ words and stores the ones it keeps in 4 bits (8 of 10).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from ..errors import InputError
-from .contracts import PrefilledLayer
-from .lowbit import BITS, bits_that_fit
-from .presses import SnapKVWords
+from ...errors import InputError
+from ..contracts import PrefilledLayer
+from ..stores.quantized import BITS
+from .quantized import bits_for_ratio
+from .snapkv import SnapKVWords
 
 
 @dataclass
 class SnapKVTiered(SnapKVWords):
     """SnapKV over whole words with two precisions: the best words in more bits, the rest in fewer.
 
-    Options: SnapKV's; given ``bits`` or ``rest_bits`` (see :class:`~ctxpress.kv.presses.EvictionPress`)
+    Options: SnapKV's; given ``bits`` or ``rest_bits`` (see :class:`~ctxpress.kv.presses.eviction.EvictionPress`)
     are used as given instead of the ratio choosing (``bits`` alone: eviction in those bits). Needs a
     byte ``ratio``.
     """
@@ -57,21 +58,17 @@ class SnapKVTiered(SnapKVWords):
         """(bits of the kept words, bits of the rest) for these layers: given, or set by the ratio."""
         if self.bits is not None or self.rest_bits is not None:
             return self.bits, self.rest_bits
-        rest = bits_that_fit([layer.keys.shape for layer in layers], layers[0].keys.element_size(), self.ratio,
-                             self.group, self.rest_choices)
+        rest = bits_for_ratio(layers, self.ratio, self.group, self.rest_choices)
         if rest is None:  # not every token fits: evict, keeping words in the fewest bits allowed
             return self.rest_choices[-1], None
         above = BITS.index(rest) - 1
         kept = BITS[above] if above >= 0 else None
-        try:
-            replace(self, bits=kept, rest_bits=rest).counts_in_bytes(layers)
-        except InputError:  # every token fits in `rest` bits, but not one word more in `kept`
+        if self.counts_in_bytes(layers, kept, rest) is None:  # every token fits in `rest` bits, not one word more
             return rest, None
         return kept, rest
 
     def compress(self, layers: Sequence[PrefilledLayer], model: torch.nn.Module) -> None:
-        bits, rest = self.tiers(layers)
-        super(SnapKVTiered, replace(self, bits=bits, rest_bits=rest)).compress(layers, model)
+        self.compress_in(layers, *self.tiers(layers))
 
 
 __all__ = ["SnapKVTiered"]

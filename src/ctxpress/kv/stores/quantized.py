@@ -1,4 +1,5 @@
-"""Low-bit storage of kept keys and values (KIVI-style), for any press.
+"""Low-bit storage of kept keys and values (KIVI-style), for any press: :class:`QuantizedStore`
+for a whole layer, :class:`QuantizedColumns` for one part of a headwise store.
 
 As KIVI (Liu et al., ICML 2024) observes, keys have outlier channels and
 values do not: keys are quantized per channel over groups of ``group``
@@ -16,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .contracts import Store
-from .store import DenseColumns
+from ..contracts import Store
+from .dense import DenseColumns, tensor_nbytes
 
 BITS = (8, 4, 2)  # most bits first: a ratio gets the most that fit
 STATS = torch.float16
@@ -93,19 +94,21 @@ class Quantized:
         return out
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.low, self.step))
+        return tensor_nbytes(self.codes, self.low, self.step)
 
 
 class QuantizedColumns:
     """Keys or values in ``bits`` bits along the token dimension, (..., tokens, d): keys per channel
     over groups of ``group`` tokens, values per token (KIVI's split). Both parts of a
     :class:`QuantizedStore` (b, kv_heads, tokens, d) and one part of SpindleKV's
-    :class:`~ctxpress.kv.store.HeadwiseStore` (kv_heads, columns, d).
+    :class:`~ctxpress.kv.stores.headwise.HeadwiseStore` (kv_heads, columns, d).
 
     The prompt is one chunk of codes and every later full group of generated tokens another, so
     reading the part back costs a few operations per chunk, not per group. Tokens added while
     decoding wait as they are until a full group of them can be quantized together.
     """
+
+    interleaved = False  # vectors come back as they were given
 
     def __init__(self, data: torch.Tensor, bits: int, group: int, per_channel: bool) -> None:
         self.bits, self.group, self.per_channel, self.dtype = bits, group, per_channel, data.dtype
@@ -115,6 +118,13 @@ class QuantizedColumns:
         # the bytes held are exactly the codes, the statistics and the waiting tokens
         self.tail = DenseColumns(data[..., :0, :].clone(), reserve=0)
         self._quantize(data)
+
+    @staticmethod
+    def nbytes_for(rows: int, n: int, dim: int, bits: int, group: int, per_channel: bool) -> int:
+        """Bytes of a fresh part of ``rows`` x ``n`` vectors of ``dim`` in ``bits`` bits: per channel over
+        groups of ``group`` tokens (keys) or per token (values); a minimum and a step per group."""
+        stats = math.ceil(n / group) * dim if per_channel else n
+        return rows * n * dim * bits // 8 + 2 * rows * stats * STATS.itemsize
 
     def _quantize(self, data: torch.Tensor) -> None:
         if not data.shape[-2]:
@@ -181,6 +191,12 @@ class QuantizedStore(Store):
         self.keys = QuantizedColumns(keys, bits, group, per_channel=True)
         self.values = QuantizedColumns(values, bits, group, per_channel=False)
 
+    @staticmethod
+    def nbytes_for(batch: int, kv_heads: int, n: int, dim: int, bits: int, group: int) -> int:
+        """Bytes of a store of ``n`` prompt tokens, without building it: keys per channel, values per token."""
+        rows = batch * kv_heads
+        return sum(QuantizedColumns.nbytes_for(rows, n, dim, bits, group, per_channel) for per_channel in (True, False))
+
     def __len__(self) -> int:
         return len(self.keys)
 
@@ -207,67 +223,4 @@ class QuantizedStore(Store):
         return self.keys.nbytes() + self.values.nbytes()
 
 
-class TieredStore(Store):
-    """Two precisions in one layer: the most important tokens in ``kept`` (dense or many bits), the rest
-    in ``rest`` (few bits). Generated tokens join ``kept``.
-
-    Keys are stored after RoPE, so attention does not depend on where a key sits in the cache; only the
-    newest tokens must come last (the causal mask of a multi-token step assumes it), so ``rest``, which
-    never grows, is materialized first.
-    """
-
-    def __init__(self, kept: Store, rest: QuantizedStore) -> None:
-        self.kept, self.rest = kept, rest
-
-    def __len__(self) -> int:
-        return len(self.kept) + len(self.rest)
-
-    @property
-    def batch(self) -> int:
-        return self.kept.batch
-
-    def append(self, keys: torch.Tensor, values: torch.Tensor, position: int) -> None:
-        self.kept.append(keys, values, position)
-
-    def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        rest = len(self.rest)
-        keys, values = self.rest.keys.new_empty(len(self)), self.rest.values.new_empty(len(self))
-        self.rest.write_into(keys[..., :rest, :], values[..., :rest, :])
-        self.kept.write_into(keys[..., rest:, :], values[..., rest:, :])
-        return keys, values
-
-    def reorder(self, beam_idx: torch.Tensor) -> None:
-        self.kept.reorder(beam_idx)
-        self.rest.reorder(beam_idx)
-
-    def nbytes(self) -> int:
-        return self.kept.nbytes() + self.rest.nbytes()
-
-
-def bits_that_fit(shapes: list[torch.Size], element: int, ratio: float, group: int,
-                  choices: tuple[int, ...] = BITS) -> int | None:
-    """The most bits (of ``choices``) in which every token of layers of ``shapes`` (b, kv_heads, n, d)
-    fits ``ratio`` of their dense bytes (``element`` bytes a number); None if not even the fewest do."""
-    dense = sum(2 * math.prod(shape) * element for shape in shapes)
-    for bits in choices:
-        if sum(quantized_nbytes(*shape[:3], shape[3], bits, group) for shape in shapes) <= ratio * dense:
-            return bits
-    return None
-
-
-def quantized_nbytes(batch: int, kv_heads: int, n: int, dim: int, bits: int, group: int) -> int:
-    """Bytes of a :class:`QuantizedStore` of ``n`` prompt tokens (one layer), without building it."""
-    rows = batch * kv_heads
-    return sum(quantized_part_nbytes(rows, n, dim, bits, group, per_channel) for per_channel in (True, False))
-
-
-def quantized_part_nbytes(rows: int, n: int, dim: int, bits: int, group: int, per_channel: bool) -> int:
-    """Bytes of ``rows`` x ``n`` vectors of ``dim`` in ``bits`` bits: per channel over groups of ``group``
-    tokens (keys) or per token (values); a minimum and a step per group."""
-    stat = torch.finfo(STATS).bits // 8
-    stats = math.ceil(n / group) * dim if per_channel else n
-    return rows * n * dim * bits // 8 + 2 * rows * stats * stat
-
-
-__all__ = ["BITS", "Quantized", "QuantizedColumns", "QuantizedStore", "TieredStore", "bits_that_fit",
-           "quantized_nbytes", "quantized_part_nbytes"]
+__all__ = ["BITS", "STATS", "Quantized", "QuantizedColumns", "QuantizedStore"]

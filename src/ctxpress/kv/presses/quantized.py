@@ -1,4 +1,4 @@
-"""A quantized KV cache: every token kept, each stored in fewer bits (KIVI-style, :mod:`.lowbit`).
+"""A quantized KV cache: every token kept, each stored in fewer bits (KIVI-style, :mod:`..stores.quantized`).
 
 What a memory-limited user tries first, so the baseline every eviction and
 codebook method must beat at equal bytes. Unlike transformers'
@@ -15,10 +15,26 @@ from typing import ClassVar
 
 import torch
 
-from ..errors import InputError
-from .contracts import PrefilledLayer
-from .lowbit import BITS, QuantizedStore, bits_that_fit
-from .presses import KVPress
+from ...errors import InputError
+from ..budget import first_fitting
+from ..contracts import PrefilledLayer
+from ..stores.dense import DenseStore
+from ..stores.quantized import BITS, QuantizedStore
+from .base import KVPress
+
+
+def bits_for_ratio(layers: Sequence[PrefilledLayer], ratio: float, group: int,
+                   choices: Sequence[int] = BITS) -> int | None:
+    """The most bits (of ``choices``, most first) in which every token of ``layers`` fits ``ratio`` of
+    their dense bytes; None if not even the fewest do."""
+    shapes = [layer.keys.shape for layer in layers]
+    itemsize = layers[0].keys.element_size()
+    dense = sum(DenseStore.nbytes_for(*shape, itemsize) for shape in shapes)
+
+    def cost(bits: int) -> int:
+        return sum(QuantizedStore.nbytes_for(*shape, bits, group) for shape in shapes)
+
+    return first_fitting(cost, choices, ratio * dense)
 
 
 @dataclass
@@ -55,8 +71,7 @@ class QuantizedKV(KVPress):
         """``bits``, or the most bits whose bytes fit ``ratio`` of the dense cache."""
         if self.bits is not None:
             return self.bits
-        bits = bits_that_fit([layer.keys.shape for layer in layers], layers[0].keys.element_size(), self.ratio,
-                             self.group)
+        bits = bits_for_ratio(layers, self.ratio, self.group)
         if bits is None:
             raise InputError(f"quantized: ratio {self.ratio:g} is below the smallest quantized cache "
                              f"({BITS[-1]} bits); use a larger ratio")
@@ -68,4 +83,4 @@ class QuantizedKV(KVPress):
             layer.compress_to(QuantizedStore(layer.keys, layer.values, bits, self.group))
 
 
-__all__ = ["QuantizedKV"]
+__all__ = ["QuantizedKV", "bits_for_ratio"]
