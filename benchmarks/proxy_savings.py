@@ -39,7 +39,8 @@ def main() -> None:
     from ctxpress.bench.tasks import NQ
     from ctxpress.errors import InputError
     from ctxpress.models import load_model
-    from ctxpress.proxy import Policy, Upstream
+    from ctxpress.proxy import Upstream
+    from ctxpress.request import PromptRequest
     from ctxpress.server import create_app, serving
 
     try:
@@ -63,7 +64,7 @@ def main() -> None:
     rows = []
     with serving(upstream) as upstream_url:
         for rate in [float(r) for r in args.rates.split(",")]:
-            app = create_app(lm, upstream=Upstream(upstream_url + "/v1"), policy=Policy(rate=rate))
+            app = create_app(lm, upstream=Upstream(upstream_url + "/v1"), policy=PromptRequest(rate=rate))
             before = after = 0
             survived, questions, seconds = [], 0, 0.0
             with serving(app) as proxy_url:

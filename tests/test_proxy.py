@@ -12,7 +12,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ctxpress.cli import main
 from ctxpress.errors import InputError
-from ctxpress.proxy import Policy, Upstream
+from ctxpress.proxy import Upstream
+from ctxpress.request import PromptRequest
 from ctxpress.server import create_app
 
 from conftest import running_server
@@ -74,7 +75,7 @@ def upstream():
 @pytest.fixture(scope="module")
 def proxy(tiny_lm, upstream):
     url, _ = upstream
-    app = create_app(tiny_lm, upstream=Upstream(url, KEY, timeout=1.5), policy=Policy(rate=0.5, min_tokens=20))
+    app = create_app(tiny_lm, upstream=Upstream(url, KEY, timeout=1.5), policy=PromptRequest(rate=0.5, min_tokens=20))
     with running_server(app) as proxy_url:
         yield proxy_url
 
@@ -191,7 +192,7 @@ def test_models_completions_and_the_local_endpoints(client, proxy, upstream):
 
 def test_policy_and_upstream_are_checked_when_made():
     with pytest.raises(InputError, match="exactly one"):
-        Policy(rate=None)
+        PromptRequest(rate=None)
     with pytest.raises(InputError, match="http"):
         Upstream("localhost:8000")
     assert Upstream("http://h:1/v1/").url == "http://h:1/v1"

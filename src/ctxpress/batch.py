@@ -25,12 +25,20 @@ from .errors import CtxpressError, InputError
 from .jsonl import complete_lines
 from .progress import progress_bar
 from .prompt.methods import DEFAULT_METHOD
+from .request import PromptRequest
 
 CHUNK_LINES = 2048  # lines queued for the Ray actors at a time
 
 
 @dataclass(frozen=True)
 class BatchJob:
+    """Where the lines come from and go, what to compress and how, and who does the work.
+
+    The compression settings are kept as plain fields (not a nested
+    :class:`~ctxpress.request.PromptRequest`) so that the job travels to Ray
+    actors as a flat dict; :meth:`request` checks them.
+    """
+
     source: str
     target: str
     field: str
@@ -44,6 +52,11 @@ class BatchJob:
     workers: int = 1
     engine: str = "local"
     ray_address: str | None = None
+
+    def request(self) -> PromptRequest:
+        """The compression asked for, checked (one error for the job rather than one per line)."""
+        return PromptRequest(rate=self.rate, target_tokens=self.target_tokens, method=self.method,
+                             options=self.options, where="")
 
     @property
     def threads(self) -> int:
@@ -73,7 +86,7 @@ class LineCompressor:
         from .prompt import PromptCompressor
 
         torch.set_num_threads(job.threads)
-        self.job = job
+        self.job, self.request = job, job.request()
         self.compressor = PromptCompressor(load_model(job.model, device=job.device, dtype=job.dtype),
                                            progress=False)
 
@@ -84,8 +97,7 @@ class LineCompressor:
             record = json.loads(raw)
             if isinstance(record, dict) and "id" in record:
                 out["id"] = record["id"]
-            result = self.compressor.compress(field_value(record, job.field), rate=job.rate,
-                                              target_tokens=job.target_tokens, method=job.method, **job.options)
+            result = self.request.compress(self.compressor, field_value(record, job.field))
             out.update({k: v for k, v in result.to_dict().items() if k != "seconds"})
         except json.JSONDecodeError as exc:
             out["error"] = f"invalid JSON: {exc.msg} (column {exc.colno})"
@@ -121,6 +133,7 @@ def run(job: BatchJob, progress: bool | None = None) -> int:
         raise InputError(f"unknown engine '{job.engine}' (local or ray)")
     if job.workers < 1:
         raise InputError("workers must be at least 1")
+    job.request()  # checked before any worker loads a model
     with source.open("rb") as fh:
         total = sum(1 for _ in fh)
     done = complete_lines(target)

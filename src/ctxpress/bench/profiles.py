@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from ..errors import InputError
-from ..kv import PRESSES, press_with_budget
+from ..kv import FULL, PRESSES, press_with_budget
 from ..options import parse_spec
 from ..prompt.methods import METHODS, build_method
 from .synthetic import MultiKeyNeedle
@@ -35,7 +35,7 @@ class Config:
 
     prompt_method: str | None = None
     prompt_rate: float | None = None
-    kv_method: str = "full"
+    kv_method: str = FULL
     kv_ratio: float | None = None
     kv_setting: str = "agnostic"
 
@@ -44,10 +44,10 @@ class Config:
         parts = []
         if self.prompt_method:
             parts.append(f"{self.prompt_method}@{self.prompt_rate:g}")
-        if self.kv_method != "full":
+        if self.kv_method != FULL:
             aware = ":aware" if self.kv_setting == "aware" else ""
             parts.append(f"kv:{self.kv_method}@{self.kv_ratio:g}{aware}")
-        return "+".join(parts) or "full"
+        return "+".join(parts) or FULL
 
     @property
     def question_aware(self) -> bool:
@@ -64,9 +64,9 @@ class Config:
 
     @property
     def family(self) -> str:
-        if self.prompt_method and self.kv_method != "full":
+        if self.prompt_method and self.kv_method != FULL:
             return "combined"
-        return "prompt" if self.prompt_method else ("kv" if self.kv_method != "full" else "reference")
+        return "prompt" if self.prompt_method else ("kv" if self.kv_method != FULL else "reference")
 
 
 @dataclass
@@ -91,9 +91,9 @@ class Profile:
     def only(self, methods: list[str]) -> Profile:
         """This grid restricted to ``methods``: names of the profile's prompt or KV methods, or
         variants of them with options (``dac-static:unit=word:alpha=0.5``, checked here, before any
-        model loads). The full reference always runs, so ``["full"]`` is the reference alone. A method
+        model loads). The full reference always runs, so ``[FULL]`` is the reference alone. A method
         named twice runs once (its rows share a key)."""
-        known = set(self.prompt_methods) | set(self.kv_methods) | {"full"}
+        known = set(self.prompt_methods) | set(self.kv_methods) | {FULL}
         prompt, kv = [], []
         for spec in dict.fromkeys(methods):
             name, options = parse_spec(spec)

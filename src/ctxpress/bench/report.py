@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..errors import CtxpressError
+from ..kv import FULL
 from .profiles import Config
 from .stats import HIGHER_IS_BETTER, MIN_PAIRED, Interval, bootstrap_mean, paired_difference, verdict
 
@@ -79,8 +80,8 @@ def comparisons(rows: list[dict]) -> list[dict]:
     for task in tasks:
         for i, a in enumerate(configs):
             rivals = [b for b in configs[i + 1:] if budget[b] == budget[a]]
-            if a != "full":
-                rivals.insert(0, "full")
+            if a != FULL:
+                rivals.insert(0, FULL)
             for b in rivals:
                 for measure in QUALITY:
                     d = paired_difference(values.get((task, a, measure), {}), values.get((task, b, measure), {}))
@@ -110,7 +111,7 @@ def pairwise_tables(comparisons_: list[dict], task: str, measure: str) -> str:
     out = []
     groups: dict[str, list[dict]] = defaultdict(list)
     for c in comparisons_:
-        if c["task"] == task and c["measure"] == measure and c["b"] != "full":
+        if c["task"] == task and c["measure"] == measure and c["b"] != FULL:
             groups[c["budget"]].append(c)
     for group, members in groups.items():
         configs = list(dict.fromkeys([m["a"] for m in members] + [m["b"] for m in members]))
@@ -165,7 +166,7 @@ def markdown(summary: list[dict], comparisons_: list[dict] | None = None) -> str
     """An overview across tasks, then per task: quality with intervals, differences against the full
     context, cost; then which differences are significant, and the pairwise matrices."""
     comparisons_ = comparisons_ or []
-    vs_full = {(c["task"], c["a"], c["measure"]): c for c in comparisons_ if c["b"] == "full"}
+    vs_full = {(c["task"], c["a"], c["measure"]): c for c in comparisons_ if c["b"] == FULL}
 
     def delta(task: str, config: str, measure: str) -> str:
         c = vs_full.get((task, config, measure))

@@ -24,7 +24,7 @@ import torch
 from ..chat import prompt_ids
 from ..errors import InputError
 from ..jsonl import complete_lines, read_records
-from ..kv import build_press, press_with_budget
+from ..kv import FULL, build_press, press_with_budget
 from ..kv.fanout import prefill_needs
 from ..kv.generation import CompressedContext
 from ..memory import PeakMemory
@@ -118,11 +118,11 @@ class Runner:
                     ctx = contexts.take(config, prefix)
                     new, speed = ctx.generate(asked, self.profile.max_new_tokens or task.max_new_tokens)
                     logits = ctx.next_token_logits(forced)[answer_rows]
-                if config.kv_method == "full":
+                if config.kv_method == FULL:
                     reference = logits
                 elif reference is None:  # the full row was written by an earlier, interrupted run
                     with self.lm.lock:
-                        full = CompressedContext(self.lm, context_ids, build_press("full"))
+                        full = CompressedContext(self.lm, context_ids, build_press(FULL))
                         reference = full.next_token_logits(whole[:, context_ids.shape[1]:])[
                             question_ids.shape[1]:]
                 answer = tok.decode(new, skip_special_tokens=True).strip()
@@ -134,7 +134,7 @@ class Runner:
                     "score": task.score(answer, example),
                     "survival": example.survives(prompt["context"]),
                     "nll": mean_nll(logits, answer_ids[0]),
-                    "kl": None if config.kv_method == "full" else mean_kl(reference, logits),
+                    "kl": None if config.kv_method == FULL else mean_kl(reference, logits),
                     **prompt["stats"],
                     "prompt_tokens": int(context_ids.shape[1] + question_ids.shape[1]),
                     "cache_bytes": ctx.cache_bytes, "full_cache_bytes": ctx.full_cache_bytes,

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..prompt import PromptCompressor
 from ..prompt.methods import DEFAULT_METHOD
+from ..request import DEFAULT_RATE, PromptRequest
 
 
 class CompressionSettings(BaseModel):
@@ -27,18 +28,24 @@ class CompressionSettings(BaseModel):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     compressor: PromptCompressor | None = None  # None: the embedded model's, made on first use
-    rate: float | None = 0.5
+    rate: float | None = DEFAULT_RATE
     target_tokens: int | None = None  # the texts' tokens in all; wins over rate
     method: str = DEFAULT_METHOD
     options: dict[str, Any] = Field(default_factory=dict)
 
     def compress_texts(self, texts: Sequence[str], query: str) -> list[str]:
         """The texts compressed together under this budget, each given back on its own."""
+        request = self.prompt_request()  # checked before a model loads
         if self.compressor is None:
             self.compressor = PromptCompressor(progress=False)
-        budget = {"target_tokens": self.target_tokens} if self.target_tokens is not None else {"rate": self.rate}
-        return self.compressor.compress_documents(list(texts), method=self.method, question=query, **budget,
-                                                  **self.options)
+        return self.compressor.compress_documents(list(texts), method=request.method_object(), question=query,
+                                                  **request.budget)
+
+    def prompt_request(self) -> PromptRequest:
+        """These settings as a checked request: ``target_tokens``, when set, replaces ``rate``."""
+        rate = None if self.target_tokens is not None else self.rate
+        return PromptRequest(rate=rate, target_tokens=self.target_tokens, method=self.method, options=self.options,
+                             where="")
 
 
 __all__ = ["CompressionSettings"]
