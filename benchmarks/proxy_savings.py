@@ -31,8 +31,8 @@ def main() -> None:
     args = parser.parse_args()
 
     import openai
-    from fastapi import FastAPI, Request
     from tqdm import tqdm
+    from upstream import recording_upstream
 
     from ctxpress.bench.data import find_data_dir
     from ctxpress.bench.stats import bootstrap_mean
@@ -52,14 +52,7 @@ def main() -> None:
         data, args.examples, seed=0, tokenizer=lm.tokenizer, split="report")
 
     seen: list[dict] = []
-    upstream = FastAPI()
-
-    @upstream.post("/v1/chat/completions")
-    async def record(request: Request) -> dict:
-        seen.append(await request.json())
-        return {"id": "x", "object": "chat.completion", "created": 0, "model": "upstream",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "-"}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 0, "completion_tokens": 1, "total_tokens": 1}}
+    upstream = recording_upstream(seen)
 
     rows = []
     with serving(upstream) as upstream_url:

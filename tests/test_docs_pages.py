@@ -8,17 +8,16 @@ differences those tables show. No model is loaded: the whole file runs in a few 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "docs_pages.py"
 # Hand-written pages that interpret the generated tables (in a "## Results" section and elsewhere).
 ANALYSIS = ["docs/prompt-compression.md", "docs/kv-compression.md"]
 INTERVAL = re.compile(r"([+-]?\d+\.\d{3})\s+\[([+-]?\d+\.\d{3}),\s+([+-]?\d+\.\d{3})\]")
@@ -26,11 +25,7 @@ LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("docs_pages", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("docs_pages")
 
 
 @pytest.fixture(scope="module")

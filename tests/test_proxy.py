@@ -1,6 +1,7 @@
 """The compressing proxy over real HTTP: the openai client -> ctxpress serve --upstream -> a second server."""
 
 import asyncio
+import itertools
 import json
 import socket
 
@@ -206,3 +207,37 @@ def test_serve_refuses_proxy_options_without_an_upstream(capsys):
     assert main(["serve", "--upstream", "ftp://somewhere"]) == 2
     assert main(["serve", "--upstream", "http://h/v1", "--compress-roles", "user,narrator"]) == 2
     assert "unknown role 'narrator'" in capsys.readouterr().err
+
+
+def test_an_agents_conversation_keeps_json_code_and_a_stable_history(client, upstream):
+    """Five turns resent whole, as agents do: JSON stays valid, code arrives whole, history is a stable prefix."""
+    _, seen = upstream
+    records = [{"title": f"Doc {i}", "text": LONG, "score": i / 10, "cited": i == 2} for i in range(3)]
+    arguments = json.dumps({"query": "which word", "limit": 3})
+    code = "```python\ndef words(text: str) -> list[str]:\n    return [w for w in text.split() if w]\n```"
+    new = [
+        [{"role": "system", "content": LONG}, {"role": "user", "content": f"{LONG}\n\nWhich word?"}],
+        [{"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "search", "arguments": arguments}}]},
+         {"role": "tool", "tool_call_id": "c1", "content": json.dumps(records)}],
+        [{"role": "assistant", "content": "The first."},
+         {"role": "user", "content": f"{code}\n{LONG}\n\nIs it right?"}],
+        [{"role": "assistant", "content": "Yes."}, {"role": "user", "content": f"{LONG}\n\nAnd now?"}],
+        [{"role": "assistant", "content": "Still."}, {"role": "user", "content": "Thanks!"}],
+    ]
+    history, sent, hits = [], [], []
+    for messages in new:
+        history = history + messages
+        reply = client.chat.completions.create(model="upstream-model", messages=history,
+                                               extra_body={"prompt_compression": {"json": "values"}})
+        sent.append(seen[-1]["body"]["messages"])
+        hits.append(reply.usage.model_extra["ctxpress"]["cache_hits"])
+    for turn, following in itertools.pairwise(sent):
+        assert json.dumps(following[: len(turn)]) == json.dumps(turn)  # byte-identical prefix
+    final = sent[-1]
+    assert final[2]["tool_calls"][0]["function"]["arguments"] == arguments
+    results = json.loads(final[3]["content"])
+    assert [sorted(r) for r in results] == [sorted(r) for r in records] and results[2]["cited"] is True
+    assert len(results[0]["text"]) < len(LONG)  # long string values shortened
+    assert code in final[5]["content"] and len(final[5]["content"]) < len(new[2][1]["content"])
+    assert hits == [0, 2, 3, 4, 5]  # every message an earlier turn compressed comes from the cache

@@ -30,6 +30,9 @@ BAD_FIELDS = [
     ({"rate": 0.5, "options": {"alpha": 2}}, "alpha must be in [0, 1]"),
     ({"rate": 0.5, "options": [1]}, "options has the wrong type"),
     ({"rate": 0.5, "ratio": 0.5}, "unknown field 'ratio' (known: "),
+    ({"rate": 0.5, "json": "drop"}, "unknown json policy 'drop' (choose from: keep, values)"),
+    ({"rate": 0.5, "code": "minify"}, "unknown code policy 'minify' (choose from: keep, compress)"),
+    ({"rate": 0.5, "json": True}, "json has the wrong type (bool; text is expected)"),
 ]
 
 
@@ -73,10 +76,10 @@ def test_context_requests_name_their_budget_and_their_kept_parts():
 
 def test_from_args_takes_the_command_lines_options():
     args = argparse.Namespace(rate=None, target_tokens=None, method="dac", options=["stages=2"],
-                              compress_roles=("user",), min_tokens=0)
+                              compress_roles=("user",), min_tokens=0, json_policy="values", code_policy="compress")
     asked = PromptRequest.from_args(args)
-    assert (asked.rate, asked.method, asked.options, asked.roles, asked.min_tokens) == (
-        DEFAULT_RATE, "dac", {"stages": 2}, ("user",), 0)
+    assert (asked.rate, asked.method, asked.options, asked.roles, asked.min_tokens, asked.json, asked.code) == (
+        DEFAULT_RATE, "dac", {"stages": 2}, ("user",), 0, "values", "compress")
     with pytest.raises(InputError, match="has no option colour"):
         PromptRequest.from_args(argparse.Namespace(rate=0.5, target_tokens=None, method="dac", options=["colour=1"]))
 

@@ -1,18 +1,13 @@
 """The README's standing table is read from a bench folder's summary and paired comparisons."""
 
-import importlib.util
-from pathlib import Path
 
 from ctxpress.bench.stats import Interval, verdict
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "results_tables.py"
+from conftest import load_benchmark
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("results_tables", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("results_tables")
 
 
 def comparison(a, b, measure, mean, low, high, n=30):

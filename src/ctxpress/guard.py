@@ -4,8 +4,9 @@ Both are plain ASGI middleware, so they answer before any request body is
 parsed or any model work is queued:
 
 * :class:`ApiKey` requires ``Authorization: Bearer KEY`` (as OpenAI-compatible
-  servers do), compared in constant time; ``/healthz`` stays open for load
-  balancers. The key is never logged or echoed.
+  servers do) or ``x-api-key: KEY`` (what the ``anthropic`` client sends),
+  compared in constant time; ``/healthz`` stays open for load balancers. The
+  key is never logged or echoed.
 * :class:`Admission` bounds the requests that wait for the one model: when
   ``max_queue`` already wait behind the one being served, the next is
   answered 429 with ``Retry-After`` at once, instead of piling up work that
@@ -25,7 +26,7 @@ from .memory import release_freed
 API_KEY_ENV = "CTXPRESS_API_KEY"  # where ``ctxpress serve`` reads the key by default
 DEFAULT_MAX_QUEUE = 32
 OPEN_PATHS = frozenset({"/healthz"})
-MODEL_PATHS = frozenset({"/v1/compress", "/v1/chat/completions", "/v1/completions"})
+MODEL_PATHS = frozenset({"/v1/compress", "/v1/chat/completions", "/v1/completions", "/v1/messages"})
 
 
 async def send_error(send, status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> None:
@@ -38,19 +39,21 @@ async def send_error(send, status: int, message: str, kind: str, headers: dict[s
 
 
 class ApiKey:
-    """Refuse every request but ``/healthz`` without ``Authorization: Bearer <key>`` (401)."""
+    """Refuse every request but ``/healthz`` without ``Authorization: Bearer <key>`` or ``x-api-key: <key>`` (401)."""
 
     def __init__(self, app, key: str) -> None:
         if not key:
             raise ValueError("an empty API key would let everyone in")
-        self.app, self.expected = app, f"Bearer {key}".encode()
+        self.app, self.key = app, key.encode()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
-        given = dict(scope.get("headers") or []).get(b"authorization", b"")
-        if not hmac.compare_digest(given, self.expected):
-            return await send_error(send, 401, "missing or wrong API key (Authorization: Bearer ...)",
+        headers = dict(scope.get("headers") or [])
+        # both compared, always (``|``, not ``or``): the time taken says nothing about either header
+        by_bearer = hmac.compare_digest(headers.get(b"authorization", b""), b"Bearer " + self.key)
+        if not (by_bearer | hmac.compare_digest(headers.get(b"x-api-key", b""), self.key)):
+            return await send_error(send, 401, "missing or wrong API key (Authorization: Bearer ... or x-api-key)",
                                     "authentication_error", {"WWW-Authenticate": "Bearer"})
         return await self.app(scope, receive, send)
 

@@ -16,6 +16,8 @@ request somewhere would otherwise become invalid:
 * ``min_tokens`` is an integer >= 0: messages of at most that many tokens are
   sent as they are; 0 compresses every non-empty message.
 * ``roles`` are names from :data:`ROLES`; an empty list compresses nothing.
+* ``json`` is one of :data:`JSON_POLICIES` and ``code`` one of
+  :data:`CODE_POLICIES`: what becomes of JSON and of code in compressed messages.
 * booleans are not numbers, and unknown fields are refused by name.
 """
 
@@ -34,6 +36,12 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 DEFAULT_ROLES = ("system", "developer", "user", "tool")
 DEFAULT_RATE = 0.5  # a chat policy's budget when none is given (the proxy's, or a bare prompt_compression)
 DEFAULT_MIN_TOKENS = 256  # a short question is sent as it is
+# JSON in a message: "keep" it byte-identical, or shorten its long string "values" (every key kept, it parses).
+JSON_POLICIES = ("keep", "values")
+# Code (fenced blocks, a tool's source code): "keep" it byte-identical, or "compress" it as prose (it may break).
+CODE_POLICIES = ("keep", "compress")
+DEFAULT_JSON = "keep"
+DEFAULT_CODE = "keep"
 
 # What each field must be, as JSON gives it: (accepted types, wording for the error).
 _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
@@ -44,9 +52,12 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "options": ((dict,), "an object"),
     "question": ((str,), "text"),
     "instruction": ((str,), "text"),
+    "json": ((str,), "text"),
+    "code": ((str,), "text"),
 }
+_CHOICES: dict[str, tuple[str, ...]] = {"json": JSON_POLICIES, "code": CODE_POLICIES}
 # Fields a chat's prompt_compression may set: the text parts come from the messages themselves.
-MESSAGE_FIELDS = frozenset({"rate", "target_tokens", "method", "options", "roles", "min_tokens"})
+MESSAGE_FIELDS = frozenset({"rate", "target_tokens", "method", "options", "roles", "min_tokens", "json", "code"})
 # Fields a single-context request (/v1/compress without its context) may set.
 CONTEXT_FIELDS = frozenset({"rate", "target_tokens", "method", "options", "question", "instruction",
                             "force_tokens"})
@@ -62,7 +73,9 @@ class PromptRequest:
     ``roles`` whose messages are compressed, and ``min_tokens``: messages of
     at most that many tokens (a short question) are sent as they are. Text
     between ``<ctxpress:keep>`` tags and the question that ends the last user
-    message are always kept whole (:mod:`ctxpress.messages`).
+    message are always kept whole (:mod:`ctxpress.messages`). ``json`` and
+    ``code``: what becomes of JSON and code in a compressed message
+    (:mod:`ctxpress.structured`).
     """
 
     rate: float | None = DEFAULT_RATE
@@ -74,6 +87,8 @@ class PromptRequest:
     force_tokens: tuple[str, ...] = ()
     roles: tuple[str, ...] = DEFAULT_ROLES
     min_tokens: int = DEFAULT_MIN_TOKENS
+    json: str = DEFAULT_JSON
+    code: str = DEFAULT_CODE
     where: str = field(default="prompt_compression", repr=False, compare=False)  # names the request in errors
 
     def __post_init__(self) -> None:
@@ -92,6 +107,9 @@ class PromptRequest:
         unknown = [r for r in self.roles if r not in ROLES]
         if unknown:
             self._fail(f"unknown role {unknown[0]!r} (choose from: {', '.join(ROLES)})")
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                self._fail(f"unknown {name} policy {getattr(self, name)!r} (choose from: {', '.join(allowed)})")
         self.method_object()  # a bad method or option fails here, before any model work
 
     def _fail(self, message: str) -> None:
@@ -133,6 +151,9 @@ class PromptRequest:
                 values[name] = getattr(args, name)
         if getattr(args, "force_tokens", None) is not None:
             values["force_tokens"] = tuple(args.force_tokens)
+        for name in ("json", "code"):
+            if getattr(args, f"{name}_policy", None) is not None:
+                values[name] = getattr(args, f"{name}_policy")
         if getattr(args, "compress_roles", None) is not None:
             values["roles"] = tuple(args.compress_roles)
         return cls(**values, where="")
@@ -172,5 +193,5 @@ def _checked_mapping(body: object, allowed: frozenset[str], where: str) -> dict[
     return {k: v for k, v in values.items() if k in known}
 
 
-__all__ = ["CONTEXT_FIELDS", "DEFAULT_MIN_TOKENS", "DEFAULT_RATE", "DEFAULT_ROLES", "MESSAGE_FIELDS", "ROLES",
-           "PromptRequest"]
+__all__ = ["CODE_POLICIES", "CONTEXT_FIELDS", "DEFAULT_CODE", "DEFAULT_JSON", "DEFAULT_MIN_TOKENS", "DEFAULT_RATE",
+           "DEFAULT_ROLES", "JSON_POLICIES", "MESSAGE_FIELDS", "ROLES", "PromptRequest"]

@@ -9,8 +9,17 @@ from ..errors import CtxpressError, InputError
 from ..guard import API_KEY_ENV, DEFAULT_MAX_QUEUE
 from ..models import EMBEDDED_MODELS
 from ..prompt.methods import DEFAULT_METHOD
-from ..proxy import DEFAULT_TIMEOUT, Upstream, parse_roles
-from ..request import DEFAULT_MIN_TOKENS, DEFAULT_RATE, DEFAULT_ROLES, PromptRequest
+from ..proxy import ANTHROPIC_KEY_ENV, DEFAULT_TIMEOUT, OPENAI_KEY_ENV, Upstream, default_key_env, parse_roles
+from ..request import (
+    CODE_POLICIES,
+    DEFAULT_CODE,
+    DEFAULT_JSON,
+    DEFAULT_MIN_TOKENS,
+    DEFAULT_RATE,
+    DEFAULT_ROLES,
+    JSON_POLICIES,
+    PromptRequest,
+)
 from ..server.settings import (
     DEFAULT_HOST,
     DEFAULT_MAX_NEW_TOKENS,
@@ -24,7 +33,7 @@ from .groups import add_budget, add_method, add_method_options, add_model_option
 
 def register(sub: argparse._SubParsersAction) -> None:
     v = sub.add_parser("serve", help="run the HTTP service (OpenAI-compatible chat, compression)",
-                       description="Serve /v1/compress, /v1/chat/completions and /healthz; docs at /docs.")
+                       description="Serve /v1/compress, /v1/chat/completions, /metrics and /healthz; docs at /docs.")
     v.add_argument("--host", default=DEFAULT_HOST, help=f"default {DEFAULT_HOST} (this machine only)")
     v.add_argument("--port", type=positive_int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
     v.add_argument("--max-request-bytes", type=positive_int, default=DEFAULT_MAX_REQUEST_BYTES, metavar="N",
@@ -32,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--max-new-tokens", type=positive_int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
                    help=f"largest max_tokens a chat request may ask for (default {DEFAULT_MAX_NEW_TOKENS})")
     v.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), metavar="KEY",
-                   help=f"require 'Authorization: Bearer KEY' on every path but /healthz (default: "
+                   help=f"require 'Authorization: Bearer KEY' or 'x-api-key: KEY' on every path but /healthz (default: "
                         f"${API_KEY_ENV}; prefer the variable, a flag's value is visible to other users)")
     v.add_argument("--max-queue", type=non_negative_int, default=DEFAULT_MAX_QUEUE, metavar="N",
                    help=f"requests that may wait for the model behind the one served; more get 429 with "
@@ -54,13 +63,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _add_proxy_options(v: argparse.ArgumentParser) -> None:
     proxy = v.add_argument_group(
-        "proxy", "with --upstream, chat and completions are forwarded to that OpenAI-compatible API after "
-        "long messages are compressed; a request's prompt_compression field overrides these per request")
+        "proxy", "with --upstream, chat, completions and messages are forwarded to that API (OpenAI-compatible "
+        "or Anthropic's) after long messages are compressed; a request's prompt_compression field overrides "
+        "these per request")
     proxy.add_argument("--upstream", metavar="URL",
                        help="base URL of the upstream API, as the openai client takes it (http://host:8001/v1)")
-    proxy.add_argument("--upstream-key-env", default="OPENAI_API_KEY", metavar="NAME",
-                       help="environment variable holding the upstream's key (default OPENAI_API_KEY; unset: "
-                            "no Authorization header)")
+    proxy.add_argument("--upstream-key-env", metavar="NAME",
+                       help=f"environment variable holding the upstream's key, sent as x-api-key on /v1/messages "
+                            f"and as Authorization: Bearer on the OpenAI routes (default {ANTHROPIC_KEY_ENV} for "
+                            f"api.anthropic.com, else {OPENAI_KEY_ENV}; unset: no key sent)")
     proxy.add_argument("--upstream-timeout", type=positive_float, default=DEFAULT_TIMEOUT, metavar="S",
                        help=f"seconds to wait for the upstream between bytes (default {DEFAULT_TIMEOUT:g}); "
                             "then 504")
@@ -73,12 +84,19 @@ def _add_proxy_options(v: argparse.ArgumentParser) -> None:
     proxy.add_argument("--min-tokens", type=non_negative_int, default=DEFAULT_MIN_TOKENS, metavar="N",
                        help="messages of at most N tokens (a short question) are sent as they are "
                             f"(default {DEFAULT_MIN_TOKENS})")
+    proxy.add_argument("--json-policy", choices=JSON_POLICIES, default=DEFAULT_JSON,
+                       help="a message that is a JSON object or array: keep it byte-identical, or shorten its long "
+                            f"string values (every key kept, it still parses) (default {DEFAULT_JSON})")
+    proxy.add_argument("--code-policy", choices=CODE_POLICIES, default=DEFAULT_CODE,
+                       help="fenced code blocks and tool results that are source code: keep them byte-identical, "
+                            f"or compress them as prose (they may no longer run) (default {DEFAULT_CODE})")
 
 
 def _forwarding(args: argparse.Namespace) -> dict:
     """``create_app``'s upstream and policy from the proxy options, checked before the model loads."""
     if args.upstream is not None:
-        upstream = Upstream(args.upstream, os.environ.get(args.upstream_key_env) or None, args.upstream_timeout)
+        key_env = args.upstream_key_env or default_key_env(args.upstream)
+        upstream = Upstream(args.upstream, os.environ.get(key_env) or None, args.upstream_timeout)
         return {"upstream": upstream, "policy": PromptRequest.from_args(args)}
     if args.rate or args.target_tokens or args.options or args.method != DEFAULT_METHOD:
         raise InputError("--rate, --target-tokens, --method and --option configure the proxy: add --upstream URL "

@@ -10,8 +10,10 @@
   generation). ``usage`` reports the prompt tokens before and after
   compression.
 * ``GET /healthz``, ``GET /v1/models``; OpenAPI docs at ``/docs``.
+* ``GET /metrics``: requests, tokens and latencies for Prometheus (:mod:`.metrics`).
 * With ``upstream``, chat and completions go to another OpenAI-compatible
-  API after compression instead (:mod:`.proxy`).
+  API after compression instead (:mod:`.proxy`), and ``POST /v1/messages``
+  to Anthropic's (:mod:`.anthropic`).
 
 The model is loaded once; requests take turns on it (its lock), so
 concurrent clients queue instead of failing, up to ``max_queue`` waiting

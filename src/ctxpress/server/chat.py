@@ -22,12 +22,13 @@ from transformers import StoppingCriteriaList, TextIteratorStreamer
 
 from ..chat import chat_ids
 from ..errors import InputError
-from ..kv import CompressedContext, KVPress, press_with_budget
+from ..kv import FULL, CompressedContext, Press, press_with_budget
 from ..messages import Shrinker, Tally
 from ..models import LoadedModel
 from ..prompt import PromptCompressor
 from ..request import PromptRequest
 from .deadline import Deadline, StopAtDeadline, watched
+from .metrics import Metrics
 from .schemas import ChatBody
 
 
@@ -37,7 +38,7 @@ class ChatPlan:
 
     ids: torch.Tensor  # (1, n) prompt token ids, after prompt compression
     tokens_before: int  # prompt tokens before prompt compression
-    press: KVPress
+    press: Press
     limit: int  # new tokens at most
 
 
@@ -59,24 +60,27 @@ class ChatService:
     """Answers chat requests with one loaded model; requests take turns on its lock."""
 
     def __init__(self, lm: LoadedModel, compressor: PromptCompressor, max_new_tokens: int,
-                 policy: PromptRequest | None = None) -> None:
+                 policy: PromptRequest | None = None, metrics: Metrics | None = None) -> None:
         self.lm, self.tokenizer, self.max_new_tokens = lm, lm.tokenizer, max_new_tokens
         self.shrinker = Shrinker(compressor)
         self.policy = policy or PromptRequest()  # what a request's prompt_compression fields override
+        self.metrics = metrics or Metrics()
 
-    def checked(self, body: ChatBody) -> tuple[PromptRequest | None, KVPress]:
+    def checked(self, body: ChatBody) -> tuple[PromptRequest | None, Press]:
         """The request's prompt policy (None: no prompt compression) and press, checked before it waits."""
         policy = None if body.prompt_compression is None else self.policy.overridden(body.prompt_compression)
         kv = body.kv_compression
-        press = press_with_budget(kv.method, kv.ratio, kv.tokens, kv.options) if kv else press_with_budget("full")
+        press = press_with_budget(kv.method, kv.ratio, kv.tokens, kv.options) if kv else press_with_budget(FULL)
         return policy, press
 
-    def plan(self, body: ChatBody, policy: PromptRequest | None, press: KVPress) -> ChatPlan:
+    def plan(self, body: ChatBody, policy: PromptRequest | None, press: Press) -> ChatPlan:
         """Compress long messages, tokenize the chat and fix the token limit (model lock held)."""
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         before = chat_ids(self.tokenizer, _for_template(messages))
         if policy is not None:
-            messages = self.shrinker.messages(messages, policy, Tally())
+            tally = Tally()
+            messages = self.shrinker.messages(messages, policy, tally)
+            self.metrics.compression(tally)
         ids = chat_ids(self.tokenizer, _for_template(messages)) if policy is not None else before
         limit = body.max_completion_tokens or body.max_tokens or min(256, self.max_new_tokens)
         if limit > self.max_new_tokens:
@@ -86,7 +90,7 @@ class ChatService:
                              f"{self.lm.max_positions}-token window")
         return ChatPlan(ids, int(before.shape[1]), press, limit)
 
-    def planned(self, body: ChatBody, policy: PromptRequest | None, press: KVPress,
+    def planned(self, body: ChatBody, policy: PromptRequest | None, press: Press,
                 deadline: Deadline) -> ChatPlan:
         with deadline.holding(self.lm.lock):  # prompt compression runs on the model too
             return self.plan(body, policy, press)

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from ..messages import Tally
 from ..models import LoadedModel
 from ..prompt import PromptCompressor
 from ..request import PromptRequest
 from .deadline import Deadline, watched
+from .metrics import Metrics
 from .schemas import CompressBody
 
 
-def router(lm: LoadedModel, compressor: PromptCompressor, request_timeout: float | None) -> APIRouter:
-    """The route, bound to the model it takes turns on (its lock) and the compressor on that model."""
+def router(lm: LoadedModel, compressor: PromptCompressor, request_timeout: float | None,
+           metrics: Metrics | None = None) -> APIRouter:
+    """The route, bound to the model it takes turns on (its lock), the compressor on that model and the
+    app's metrics (each compression counted as one compressed message)."""
+    metrics = metrics or Metrics()
     routes = APIRouter()
 
     @routes.post("/v1/compress")
@@ -23,7 +28,10 @@ def router(lm: LoadedModel, compressor: PromptCompressor, request_timeout: float
 
         def work() -> dict:
             with deadline.holding(lm.lock):
-                return asked.compress(compressor, body.context).to_dict()
+                result = asked.compress(compressor, body.context)
+            metrics.compression(Tally(before=result.origin_tokens, after=result.compressed_tokens, compressed=1,
+                                      seconds=result.seconds))
+            return result.to_dict()
 
         return await watched(request, deadline, work)
 
