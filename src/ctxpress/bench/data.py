@@ -18,8 +18,8 @@ from ..errors import InputError
 NQ_FILE = "nq-open-oracle.dev.jsonl.gz"
 KV_FILE = "kv-retrieval-75_keys.dev.jsonl.gz"
 ESSAYS_DIR = "pg-essays"
-REQUIRED = {"nq": NQ_FILE, "kv-retrieval": KV_FILE, "niah": ESSAYS_DIR, "niah-multikey": ESSAYS_DIR,
-            "variable-tracking": ESSAYS_DIR, "common-words": ESSAYS_DIR}
+REQUIRED = {"nq": NQ_FILE, "nq-lexical": NQ_FILE, "kv-retrieval": KV_FILE, "niah": ESSAYS_DIR,
+            "niah-multikey": ESSAYS_DIR, "variable-tracking": ESSAYS_DIR, "common-words": ESSAYS_DIR}
 
 
 def candidates() -> list[Path]:
@@ -41,7 +41,7 @@ def find_data_dir(given: str | Path | None, tasks: list[str]) -> Path:
     for path in options:
         if all((path / REQUIRED[t]).exists() for t in tasks):
             return path
-    wanted = ", ".join(REQUIRED[t] for t in tasks)
+    wanted = ", ".join(dict.fromkeys(REQUIRED[t] for t in tasks))
     where = str(options[0]) if given else "$CTXPRESS_DATA or ../shared/data"
     raise InputError(f"no evaluation data ({wanted}) in {where}; pass --data-dir DIR")
 

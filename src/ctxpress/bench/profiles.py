@@ -2,7 +2,9 @@
 
 ``quick`` and ``medium`` look at everything at once on a few examples;
 ``prompt`` and ``kv`` are the instruments decisions rest on: enough examples
-for paired intervals to separate methods (see :mod:`ctxpress.bench.stats`).
+for paired intervals to separate methods (see :mod:`ctxpress.bench.stats`);
+``rag`` is the retrieval case: prompt methods that know the question, at the
+rates a RAG user asks for, on NQ with random and with lexical distractors.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from ..prompt.methods import METHODS, build_method
 from .synthetic import MultiKeyNeedle
 from .tasks import NQ, KVRetrieval, NeedleInHaystack
 
-PROMPT_METHODS = tuple(METHODS)
+PROMPT_METHODS = tuple(name for name, method in METHODS.items() if not method.needs_question)  # task-agnostic
 KV_METHODS = tuple(name for name, press in PRESSES.items() if press.takes_budget({}))  # all that compress
 KV_SETTINGS = ("agnostic", "aware")  # the question is read after compression / is part of the compressed prefill
 
@@ -183,6 +185,23 @@ def _prompt() -> Profile:
     )
 
 
+# The rag profile's baselines: today's default, the same with the question leading its attention,
+# and the other families that read the question or not.
+RAG_BASELINES = ("dac-words", "dac-words:attention_from=question", "llmlingua", "entropy")
+# The question-aware methods, measured against those baselines.
+RAG_METHODS = tuple(name for name, method in METHODS.items() if method.needs_question)
+
+
+def _rag() -> Profile:
+    """Prompt methods on 100 NQ questions with random and 100 with lexical distractors, at 0.5, 0.33, 0.2."""
+    return Profile(
+        "rag",
+        {"nq": (NQ(documents=5, gold_positions=(0, 2, 4)), 100),
+         "nq-lexical": (NQ(documents=5, gold_positions=(0, 2, 4), distractors="lexical", name="nq-lexical"), 100)},
+        prompt_methods=(*RAG_METHODS, *RAG_BASELINES), prompt_rates=(0.5, 0.33, 0.2), kv_methods=(),
+    )
+
+
 def _kv() -> Profile:
     """Many hours on this CPU: every press at three ratios, question-agnostic and -aware."""
     return Profile(
@@ -201,7 +220,7 @@ def _kv() -> Profile:
 # Every named grid, built on demand (each call gets a fresh Profile). Times are for the embedded
 # model in fp32 on two CPU cores.
 PROFILES: dict[str, Callable[[], Profile]] = {
-    "quick": _quick, "medium": _medium, "standard": _standard, "prompt": _prompt, "kv": _kv,
+    "quick": _quick, "medium": _medium, "standard": _standard, "prompt": _prompt, "kv": _kv, "rag": _rag,
 }
 
 

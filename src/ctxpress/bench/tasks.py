@@ -3,6 +3,9 @@
 * ``nq`` - multi-document QA as in "Lost in the Middle" (Liu et al., 2023):
   the gold passage among distractor passages of other questions, the gold
   at a chosen position, the question last; best-subspan exact match.
+* ``nq-lexical`` - the same, with the distractors that share the most words
+  with the question (BM25) instead of random ones: passages on the question's
+  topic, so relevance to the question no longer tells the gold apart.
 * ``niah`` - needle in a haystack of essays at chosen lengths and depths;
   the needle's number must appear in the answer.
 * ``kv-retrieval`` - the JSON key-value retrieval task of the same paper,
@@ -17,7 +20,10 @@ the numbers a default is judged by.
 from __future__ import annotations
 
 import json
+import math
 import random
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,34 +65,148 @@ class Example:
         return answer_survives(context, self.answers)
 
 
+DISTRACTORS = ("random", "lexical")  # how NQ picks the passages around the gold one
+
+# Words too common to say what a question is about (BM25's idf would weigh them down; dropping them
+# keeps "who was the ..." from matching every passage at all).
+STOPWORDS = frozenset({
+    "a", "an", "and", "are", "as", "at", "be", "been", "by", "did", "do", "does", "for", "from", "had", "has",
+    "have", "he", "her", "his", "how", "i", "in", "is", "it", "its", "of", "on", "or", "she", "that", "the",
+    "their", "them", "they", "this", "to", "was", "were", "what", "when", "where", "which", "who", "whom",
+    "whose", "why", "will", "with",
+})
+
+
+def lexical_words(text: str) -> list[str]:
+    """Lower-cased word tokens of ``text`` without stopwords: the terms BM25 matches."""
+    return [w for w in re.findall(r"\w+", text.lower()) if w not in STOPWORDS]
+
+
+@dataclass(frozen=True)
+class BM25:
+    """Okapi BM25 over a fixed list of texts, indexed once and queried many times.
+
+    The postings map each term to ``(text index, term count)`` pairs, so a query
+    touches only the texts that share one of its words.
+    """
+
+    postings: dict[str, list[tuple[int, int]]]
+    lengths: list[int]
+    k1: float = 1.5
+    b: float = 0.75
+
+    @classmethod
+    def index(cls, texts: list[str], k1: float = 1.5, b: float = 0.75) -> BM25:
+        postings: dict[str, list[tuple[int, int]]] = {}
+        lengths = []
+        for j, text in enumerate(texts):
+            words = lexical_words(text)
+            lengths.append(len(words))
+            for word, count in Counter(words).items():
+                postings.setdefault(word, []).append((j, count))
+        return cls(postings, lengths, k1, b)
+
+    def scores(self, query: str) -> dict[int, float]:
+        """The score of every text sharing a word with ``query`` (each distinct query word counts once)."""
+        total = len(self.lengths)
+        average = sum(self.lengths) / max(1, total) or 1.0
+        out: dict[int, float] = {}
+        for word in dict.fromkeys(lexical_words(query)):
+            hits = self.postings.get(word, ())
+            idf = math.log(1 + (total - len(hits) + 0.5) / (len(hits) + 0.5))  # never negative
+            for j, count in hits:
+                norm = self.k1 * (1 - self.b + self.b * self.lengths[j] / average)
+                out[j] = out.get(j, 0.0) + idf * count * (self.k1 + 1) / (count + norm)
+        return out
+
+    def ranking(self, query: str) -> list[int]:
+        """Every text's index, best match first; ties (and texts sharing no word) in index order."""
+        scores = self.scores(query)
+        return sorted(range(len(self.lengths)), key=lambda j: (-scores.get(j, 0.0), j))
+
+
+def holds_answer(normalized_text: str, normalized_answers: list[str]) -> bool:
+    """Whether a (normalised) passage contains a gold answer: such a passage is never a distractor."""
+    return any(a and a in normalized_text for a in normalized_answers)
+
+
 @dataclass(frozen=True)
 class NQ:
+    """Multi-document QA; ``distractors`` picks the passages around the gold one.
+
+    ``random``: passages of other questions in a seeded random order, as in
+    "Lost in the Middle". ``lexical``: the passages of other questions that
+    score highest under BM25 against the question, best first - distractors on
+    the question's topic, which a method ranking passages by relevance cannot
+    drop for free (BM25 has no seed: every seed gives the same examples). Both
+    skip any passage holding a gold answer, and the gold passage goes at the
+    cycled position either way.
+    """
+
     documents: int = 10
     gold_positions: tuple[int, ...] = (0, 4, 9)  # cycled over the examples
     max_new_tokens: int = 32  # room for a short sentence around the answer
     name: str = "nq"
+    distractors: str = "random"
+
+    def __post_init__(self) -> None:
+        if self.distractors not in DISTRACTORS:
+            raise ValueError(f"unknown distractors {self.distractors!r} (choose from: {', '.join(DISTRACTORS)})")
 
     def examples(self, data: Path, count: int, seed: int, tokenizer=None, split: str = "report") -> list[Example]:
         records = load_nq(data)
+        lexical = self.distractors == "lexical"
+        # Built once per call and shared by its examples: the index of every record's gold passage
+        # (its title too, as the reader sees it) and the normalised texts the answer check reads.
+        index = BM25.index([f"{r['ctxs'][0]['title']} {r['ctxs'][0]['text']}" for r in records]) if lexical else None
+        normalized = [normalize_answer(r["ctxs"][0]["text"]) for r in records] if lexical else []
         out = []
         for i in split_indices(len(records), split)[:count]:
             record = records[i]
-            rng = random.Random(seed * 100_003 + i)
             gold = record["ctxs"][0]
             norm_answers = [normalize_answer(a) for a in record["answers"]]
-            pool = [r["ctxs"][0] for j, r in enumerate(records) if j != i]
-            distractors = []
-            for passage in rng.sample(pool, len(pool)):
-                if not any(a and a in normalize_answer(passage["text"]) for a in norm_answers):
-                    distractors.append(passage)
-                if len(distractors) == self.documents - 1:
-                    break
+            if index is None:
+                distractors = self._random(records, i, seed, norm_answers)
+            else:
+                distractors = self._lexical(records, i, index, normalized, norm_answers)
             position = self.gold_positions[i % len(self.gold_positions)] % self.documents
             passages = [*distractors[:position], gold, *distractors[position:]]
             docs = [f"Document [{k + 1}](Title: {p['title']}) {p['text']}" for k, p in enumerate(passages)]
             out.append(Example(self.name, f"nq-{i}", NQ_INSTRUCTION, docs, f"Question: {record['question']}\nAnswer:",
                                list(record["answers"]), {"documents": self.documents, "gold_position": position}))
         return out
+
+    def _random(self, records: list[dict], i: int, seed: int, norm_answers: list[str]) -> list[dict]:
+        """Other questions' passages in a random order fixed by ``seed`` and the example."""
+        rng = random.Random(seed * 100_003 + i)
+        pool = [r["ctxs"][0] for j, r in enumerate(records) if j != i]
+        distractors = []
+        for passage in rng.sample(pool, len(pool)):
+            if not holds_answer(normalize_answer(passage["text"]), norm_answers):
+                distractors.append(passage)
+            if len(distractors) == self.documents - 1:
+                break
+        return distractors
+
+    def _lexical(self, records: list[dict], i: int, index: BM25, normalized: list[str],
+                 norm_answers: list[str]) -> list[dict]:
+        """Other questions' passages by BM25 against the question, best first.
+
+        The data repeats a few passages (questions asked twice), and equal
+        texts score equally, so a text already placed - the gold's included -
+        is skipped: a repeat would be a second gold or a wasted slot.
+        """
+        seen = {records[i]["ctxs"][0]["text"]}
+        distractors = []
+        for j in index.ranking(records[i]["question"]):
+            passage = records[j]["ctxs"][0]
+            if j == i or passage["text"] in seen or holds_answer(normalized[j], norm_answers):
+                continue
+            seen.add(passage["text"])
+            distractors.append(passage)
+            if len(distractors) == self.documents - 1:
+                break
+        return distractors
 
     @staticmethod
     def score(prediction: str, example: Example) -> float:

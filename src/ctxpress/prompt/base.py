@@ -14,7 +14,7 @@ from ..errors import InputError
 from ..options import Configurable
 from ..words import LINE_BREAKS
 from .job import Job
-from .tokens import UNITS
+from .tokens import UNITS, TokenizedContext
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,9 @@ class Method(Configurable, ABC):
     """
 
     name: ClassVar[str] = "method"
+    # Whether the method ranks by the question (refused without one); the bench's task-agnostic grids
+    # and the tests that compress without a question leave such methods out.
+    needs_question: ClassVar[bool] = False
 
     unit: str = "token"
     line_breaks: str = "score"
@@ -49,6 +52,12 @@ class Method(Configurable, ABC):
     @classmethod
     def description(cls) -> str:
         return inspect.cleandoc(cls.__doc__ or "").partition("\n")[0]
+
+    def make_job(self, tokenizer, context: str | Sequence[str], tokenized: TokenizedContext, prefix: torch.Tensor,
+                 suffix: torch.Tensor, target: int, window_tokens: int) -> Job:
+        """The job of one context. A method that needs more of the context than its tokens (where each
+        passage lies) builds a richer job; the rest take the tokens as they are."""
+        return Job(tokenized, prefix, suffix, target, window_tokens)
 
     @abstractmethod
     def run(self, model: torch.nn.Module, jobs: Sequence[Job], *, batch_tokens: int, progress: bool | None) -> None:

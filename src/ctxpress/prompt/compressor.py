@@ -141,7 +141,7 @@ class PromptCompressor:
         for context in contexts:
             ctx = tokenize_context(tok, _context_text(context), force_tokens, algorithm.unit, algorithm.line_breaks)
             target = resolve_target(len(ctx), rate, target_tokens)
-            jobs.append(Job(ctx, prefix, suffix, target, self.window_tokens))
+            jobs.append(algorithm.make_job(tok, context, ctx, prefix, suffix, target, self.window_tokens))
         with self.lm.lock:
             algorithm.run(self.lm.model, [j for j in jobs if j.target < len(j.context)],
                           batch_tokens=self.batch_tokens, progress=self.progress)

@@ -19,6 +19,7 @@ from ..errors import InputError
 from ..options import build
 from .base import Method
 from .job import Job
+from .relevance import PassageRelevance
 from .segmented import SegmentedMethod
 from .staged import StagedMethod
 
@@ -110,6 +111,33 @@ class WordDACMethod(StaticDACMethod):
     line_breaks: str = "structure"
 
 
+# How dac-rag departs from DAC: it needs the question and reads the context as passages. It ranks
+# the passages by how well each predicts the question (LongLLMLingua's question-conditioned
+# perplexity, in one batched pass), keeps the most relevant whole, drops the least relevant whole,
+# and only then drops words, with dac-words's score, from the passages in between (one more pass).
+# DAC's score is task-agnostic and spreads the budget over every word of the context.
+@dataclass(frozen=True)
+class RelevanceMethod(PassageRelevance, WordDACMethod):
+    """passages ranked by how well they predict the question, budget by rank, then dac-words inside"""
+
+    name: ClassVar[str] = "dac-rag"
+
+    # dac-words's settings, restated: the mechanism's base would otherwise bring the defaults back
+    unit: str = "phrase"
+    line_breaks: str = "structure"
+    stages: int | None = 1
+    consecutive: bool = False
+
+
+@dataclass(frozen=True)
+class PassageMethod(RelevanceMethod):
+    """whole passages by relevance to the question, no word dropped (may keep a little under the budget)"""
+
+    name: ClassVar[str] = "rag-passages"
+
+    words: bool = False
+
+
 @dataclass(frozen=True)
 class EntropyMethod(DACMethod):
     """self-information in one pass (Selective-Context style)"""
@@ -161,6 +189,8 @@ class RandomMethod(StagedMethod):
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in [
     WordDACMethod,
+    RelevanceMethod,
+    PassageMethod,
     DACMethod,
     StaticDACMethod,
     EntropyMethod,
@@ -185,6 +215,6 @@ def build_method(name: str, /, **options) -> Method:
 
 __all__ = [
     "DEFAULT_METHOD", "METHODS", "AttentionMethod", "DACMethod", "DynamicEntropyMethod", "EntropyMethod", "Method",
-    "RandomMethod", "SegmentedMethod", "StagedMethod", "StaticDACMethod", "WordDACMethod", "build_method",
-    "method_names", "min_max",
+    "PassageMethod", "RandomMethod", "RelevanceMethod", "SegmentedMethod", "StagedMethod", "StaticDACMethod",
+    "WordDACMethod", "build_method", "method_names", "min_max",
 ]
