@@ -210,6 +210,10 @@ def pages() -> dict[str, tuple[str, list[Section]]]:
                 "10 dev records.",
                 [Table("kv", "docs/results/kv-spindle-bits-dev", "spindlekv-words:bits=8", ["0.2", "0.1"],
                        task=t) for t in ("niah", "kv-retrieval")]),
+        Section("rag-dev: question-aware compression of retrieved passages (a first look)",
+                "[`docs/results/rag-dev`](rag-dev/summary.md): 10 dev NQ questions with random distractors "
+                "and 10 with lexical ones (`nq-lexical`), the `rag` profile's methods at 0.5, 0.33 and 0.2.",
+                [Table("prompt", "docs/results/rag-dev", "dac-rag", ["0.5", "0.33", "0.2"])]),
     ]
     return {
         "docs/results/kv.md": (kv_intro, kv),

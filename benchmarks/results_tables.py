@@ -27,7 +27,8 @@ from pathlib import Path
 
 from ctxpress.bench.stats import MIN_PAIRED
 
-PROMPT_ORDER = ["dac-words", "dac", "dac-static", "entropy", "entropy-dynamic", "attention", "random", "llmlingua"]
+PROMPT_ORDER = ["dac-words", "dac-rag", "rag-passages", "dac", "dac-static", "entropy", "entropy-dynamic", "attention",
+                "random", "llmlingua"]
 KV_ORDER = ["snapkv-tiered", "snapkv:unit=word", "quantized", "snapkv", "pyramidkv", "spindlekv", "streaming"]
 
 
