@@ -159,12 +159,11 @@ class Shrinker:
         tokens = count(plain)
         if not eligible or tokens <= policy.min_tokens or policy.rate == 1 or all(kept for _, kept in pieces):
             return Shrunk(plain, tokens, tokens, False)
-        free_tokens = sum(count(piece) for piece, kept in pieces if not kept)
-        rate = policy.rate if policy.rate is not None else min(1.0, policy.target_tokens / max(1, free_tokens))
+        sizes = [0 if kept else count(piece) for piece, kept in pieces]  # only free pieces are compressed
+        rate = policy.rate if policy.rate is not None else min(1.0, policy.target_tokens / max(1, sum(sizes)))
         method = policy.method_object()
         out = []
-        for piece, kept in pieces:
-            size = count(piece)
+        for (piece, kept), size in zip(pieces, sizes):
             if kept or size < MIN_SEGMENT_TOKENS or rate >= 1:
                 out.append(piece)
                 continue
